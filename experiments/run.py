@@ -1,0 +1,132 @@
+"""sersynth experiment runner: flags -> RunConfig -> sersynth.pipeline.run.
+
+    python -m experiments.run --flagfile=experiments/flags/quickstart.flags
+    python -m experiments.run --flagfile=experiments/flags/paper_demos.flags --cache_dir=CACHE --stage=experts,distill,evaluate
+
+Every knob is a flag; flag files in experiments/flags/ hold the reproducible configurations.
+Bad values stop the run before any compute with a one-line ``error: ...`` and exit status 2.
+"""
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+
+from sersynth import distill, pipeline, train
+from sersynth.data import prepare
+
+F = flags.FLAGS
+
+# --- run ---------------------------------------------------------------------------------------
+flags.DEFINE_string("workdir", None, "run directory (config, metrics, artifacts, report)")
+flags.DEFINE_list("stage", ["all"], "stages to run: all, or a list of prepare,experts,distill,evaluate")
+flags.DEFINE_integer("seed", 0, "root random seed (experts, distillation, evaluation)")
+flags.DEFINE_bool("overwrite", False, "redo a finished run / replace a run made with other flags")
+flags.DEFINE_bool("progress", True, "progress bars")
+# --- data --------------------------------------------------------------------------------------
+prepare.define_flags(flags)
+flags.DEFINE_string("corpus_dir", "", "corpus folder ('' with --corpus=embedded: <workdir>/corpus, generated)")
+flags.DEFINE_string("cache_dir", "", "feature cache folder ('' -> <workdir>/cache)")
+flags.DEFINE_integer("embedded_speakers", 30, "embedded corpus: speakers (the paper's DEMoS: 68)")
+flags.DEFINE_integer("embedded_utterances", 10, "embedded corpus: utterances per speaker and emotion")
+# --- model -------------------------------------------------------------------------------------
+flags.DEFINE_enum("model", "convnet", ["convnet", "cnn6", "vgg15", "resnet9"], "network")
+flags.DEFINE_integer("width", 128, "convnet: channels")
+flags.DEFINE_integer("depth", 3, "convnet: conv layers")
+flags.DEFINE_float("width_mult", 1.0, "cnn6/vgg15/resnet9: channel multiplier (tiny models: 0.125)")
+flags.DEFINE_enum("norm", "instance", ["instance", "layer", "none"], "normalisation layers")
+flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16", "float16"],
+                  "activation dtype (parameters and losses stay float32)")
+# --- experts -----------------------------------------------------------------------------------
+flags.DEFINE_integer("n_experts", 5, "expert trajectories to record (paper: 5)")
+flags.DEFINE_enum("expert_optimizer", "sgd", ["sgd", "adam"], "expert optimiser (paper: adam; MTT: sgd)")
+flags.DEFINE_float("expert_lr", 0.01, "expert learning rate (paper: 1e-3 with adam)")
+flags.DEFINE_float("expert_momentum", 0.0, "expert SGD momentum")
+flags.DEFINE_float("expert_weight_decay", 0.0, "expert weight decay")
+flags.DEFINE_float("expert_lr_decay", 1.0, "expert lr multiplied by this every --expert_lr_decay_every epochs (paper: 0.7)")
+flags.DEFINE_integer("expert_lr_decay_every", 0, "epochs between lr decays (paper: 5; 0: constant)")
+flags.DEFINE_integer("expert_train_epochs", 50, "epochs per expert (paper: 50)")
+flags.DEFINE_integer("expert_batch_size", 256, "expert minibatch")
+flags.DEFINE_bool("expert_augment", True, "SpecAugment-style augmentation while training experts")
+flags.DEFINE_enum("trajectory_dtype", "float32", ["float32", "float16"], "storage dtype of expert trajectories")
+flags.DEFINE_enum("parallel", "auto", ["auto", "vmap", "loop"],
+                  "train several models (experts, eval seeds) in one vmapped program or one by one; auto: per backend")
+flags.DEFINE_enum("epoch_mode", "auto", ["auto", "scan", "host"],
+                  "one jitted lax.scan per epoch, or a host loop of jitted steps; auto: per backend")
+# --- distillation ------------------------------------------------------------------------------
+flags.DEFINE_integer("ipc", 10, "synthetic samples per class (paper: 1..150)")
+flags.DEFINE_integer("syn_steps", 20, "inner SGD steps per outer step (paper: 20)")
+flags.DEFINE_integer("expert_epochs", 3, "expert epochs matched per outer step (paper: 3)")
+flags.DEFINE_integer("max_start_epoch", 30, "start epoch drawn from [0, max_start_epoch) (paper: 30)")
+flags.DEFINE_integer("batch_syn", 0, "inner minibatch (0: whole synthetic set)")
+flags.DEFINE_integer("iterations", 60, "outer steps (paper: 60)")
+flags.DEFINE_float("lr_img", 1000.0, "SGD step on the synthetic spectrograms (paper: 1000)")
+flags.DEFINE_float("lr_lr", 1e-3, "SGD step on log(learnable lr)")
+flags.DEFINE_float("lr_init", 1e-3, "initial learnable inner lr (paper: 1e-3)")
+flags.DEFINE_float("outer_momentum", 0.5, "momentum of the outer SGD optimisers")
+flags.DEFINE_bool("learn_labels", False, "learn soft labels too")
+flags.DEFINE_float("lr_labels", 2.0, "SGD step on the soft-label logits")
+flags.DEFINE_enum("syn_init", "real", ["real", "noise"], "synthetic set initialisation")
+flags.DEFINE_bool("syn_augment", True, "differentiable SpecAugment in the inner loop (and in evaluation)")
+flags.DEFINE_enum("remat", "nested", list(distill.REMAT), "rematerialisation of the inner loop")
+flags.DEFINE_integer("remat_segment", 0, "steps per checkpointed segment (nested); 0: divisor of syn_steps nearest its sqrt")
+flags.DEFINE_integer("scan_unroll", 0, "inner scan unroll factor; 0: per backend (full on CPU, 1 on GPU/TPU)")
+flags.DEFINE_integer("eval_every", 0, "validate the synthetic set every N iterations and keep the best (0: keep the last)")
+flags.DEFINE_integer("checkpoint_every", 50, "checkpoint the distillation every N iterations")
+flags.DEFINE_integer("log_every", 10, "write metrics every N iterations (the only host syncs of the loop)")
+# --- evaluation --------------------------------------------------------------------------------
+flags.DEFINE_integer("eval_seeds", 5, "random initialisations / random subsets per evaluated setting")
+flags.DEFINE_integer("eval_epochs", 300, "epochs when training on the distilled set or a random subset")
+flags.DEFINE_list("eval_lr_grid", ["0.3", "1", "3"], "random-subset baseline: expert lr multipliers tried on val")
+flags.DEFINE_integer("render_per_class", 2, "Griffin-Lim WAV renders per class")
+
+
+def config_from_flags() -> pipeline.RunConfig:
+    stages = tuple(pipeline.STAGES) if F.stage == ["all"] else tuple(F.stage)
+    try:
+        split = tuple(float(v) for v in F.split)
+        lr_grid = tuple(float(v) for v in F.eval_lr_grid)
+    except ValueError as e:
+        raise pipeline.RunError(f"--split / --eval_lr_grid must be numbers: {e}") from None
+    if len(split) != 3:
+        raise pipeline.RunError(f"--split needs three fractions (train,val,test), got {F.split}")
+    return pipeline.RunConfig(
+        workdir=F.workdir, stages=stages, seed=F.seed, overwrite=F.overwrite, progress=F.progress,
+        corpus=F.corpus, corpus_dir=F.corpus_dir, cache_dir=F.cache_dir,
+        embedded_speakers=F.embedded_speakers, embedded_utterances=F.embedded_utterances,
+        prepare={"emotions": tuple(F.emotions), "split_fractions": split, "split_seed": F.split_seed,
+                 "workers": F.workers, "strict": F.strict,
+                 "features": {"sample_rate": F.sample_rate, "n_fft": F.n_fft, "hop_length": F.hop_length,
+                              "n_mels": F.n_mels, "fmin": F.fmin, "fmax": F.fmax, "clip_seconds": F.clip_seconds}},
+        model={"name": F.model, "width": F.width, "depth": F.depth, "width_mult": F.width_mult, "norm": F.norm,
+               "compute_dtype": F.compute_dtype},
+        expert_train=train.TrainConfig(
+            optimizer=F.expert_optimizer, lr=F.expert_lr, momentum=F.expert_momentum,
+            weight_decay=F.expert_weight_decay, lr_decay=F.expert_lr_decay, lr_decay_every=F.expert_lr_decay_every,
+            epochs=F.expert_train_epochs, batch_size=F.expert_batch_size, augment=F.expert_augment),
+        n_experts=F.n_experts, trajectory_dtype=F.trajectory_dtype,
+        parallel="" if F.parallel == "auto" else F.parallel, epoch_mode="" if F.epoch_mode == "auto" else F.epoch_mode,
+        distill=distill.DistillConfig(
+            ipc=F.ipc, syn_steps=F.syn_steps, expert_epochs=F.expert_epochs, max_start_epoch=F.max_start_epoch,
+            batch_syn=F.batch_syn, iterations=F.iterations, lr_img=F.lr_img, momentum=F.outer_momentum,
+            lr_init=F.lr_init, lr_lr=F.lr_lr, learn_labels=F.learn_labels, lr_labels=F.lr_labels, init=F.syn_init,
+            augment=F.syn_augment, remat=F.remat, segment=F.remat_segment, unroll=F.scan_unroll),
+        eval_every=F.eval_every, checkpoint_every=F.checkpoint_every, log_every=F.log_every,
+        eval_seeds=F.eval_seeds, eval_epochs=F.eval_epochs, eval_lr_grid=lr_grid, render_per_class=F.render_per_class)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    try:
+        cfg = config_from_flags()
+        pipeline.run(cfg)
+    except (pipeline.RunError, ValueError, FileNotFoundError, FileExistsError, distill.DistillDiverged) as e:
+        logging.debug("run failed", exc_info=True)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("workdir")
+    app.run(main)

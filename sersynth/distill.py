@@ -1,0 +1,344 @@
+"""Trajectory-matching distillation (MTT, Cazenavette et al. 2022) of log-Mel spectrograms.
+
+One outer step: sample an expert ``e`` and a start epoch ``s < max_start_epoch``; from the expert's
+parameters ``theta_s`` run ``syn_steps`` SGD steps on synthetic minibatches with the learnable
+learning rate ``lr``; the loss is the normalised parameter distance to the expert ``expert_epochs``
+later::
+
+    L = ||theta_hat_N - theta*_{s+M}||^2 / ||theta*_s - theta*_{s+M}||^2
+
+and its gradient updates the synthetic spectrograms, ``log lr`` (so the learned rate stays positive
+by construction) and, optionally, learnable soft labels. The whole outer step is one pure jitted
+function. The inner loop is a ``lax.scan``; its memory is bounded by rematerialisation:
+
+  * ``none``: the backward pass keeps every inner step's activations (linear in syn_steps).
+  * ``step``: each inner step is ``jax.checkpoint``-ed; one parameter vector per step is kept
+    (still linear in syn_steps, with a smaller slope).
+  * ``nested``: checkpointed segments of ``segment`` steps, each step checkpointed inside; about
+    ``syn_steps / segment + segment`` parameter vectors live at once (~2 sqrt(syn_steps)).
+
+On XLA CPU convolutions inside a rolled while loop run an order of magnitude slower, so the scans
+are fully unrolled there (``unroll=0`` picks per backend; see benchmarks/RESULTS.md).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from pathlib import Path
+from typing import Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from sersynth.io import atomic_save_npz, load_npz
+from sersynth.models import FlatModel
+from sersynth.train import augment, soft_cross_entropy
+
+REMAT = ("none", "step", "nested")
+
+
+class DistillDiverged(RuntimeError):
+    """The matching loss or its gradient became NaN/Inf."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    """Hyper-parameters of MTT (paper defaults in comments)."""
+    ipc: int = 10                   # synthetic samples per class (paper: 1..150)
+    syn_steps: int = 20             # inner SGD steps per outer step (paper: 20)
+    expert_epochs: int = 3          # epochs of expert trajectory to match (paper: 3)
+    max_start_epoch: int = 30       # start epoch drawn from [0, max_start_epoch) (paper: 30)
+    batch_syn: int = 0              # inner minibatch; 0 = the whole synthetic set
+    iterations: int = 60            # outer steps (paper: 60)
+    lr_img: float = 1000.0          # SGD step on the synthetic data (paper: 1000)
+    momentum: float = 0.5           # momentum of the outer optimisers (MTT: 0.5)
+    lr_init: float = 1e-3           # initial learnable inner lr (paper: 1e-3)
+    lr_lr: float = 1e-3             # SGD step on log(lr)
+    learn_labels: bool = False      # learnable soft labels
+    lr_labels: float = 2.0          # SGD step on the label logits
+    init: str = "real"              # real (random real samples of the class) | noise
+    augment: bool = False           # differentiable SpecAugment inside the inner loop
+    remat: str = "nested"           # none | step | nested
+    segment: int = 0                # steps per checkpointed segment (nested); 0 = divisor nearest sqrt
+    unroll: int = 0                 # scan unroll; 0 = per backend (full on CPU, 1 elsewhere)
+
+    def validate(self, n_epochs_stored: int | None = None) -> None:
+        checks = [
+            (self.ipc >= 1, f"--ipc must be >= 1, got {self.ipc}"),
+            (self.syn_steps >= 1, f"--syn_steps must be >= 1, got {self.syn_steps}"),
+            (self.expert_epochs >= 1, f"--expert_epochs must be >= 1, got {self.expert_epochs}"),
+            (self.max_start_epoch >= 1, f"--max_start_epoch must be >= 1, got {self.max_start_epoch}"),
+            (self.batch_syn >= 0, f"--batch_syn must be >= 0, got {self.batch_syn}"),
+            (self.iterations >= 1, f"--iterations must be >= 1, got {self.iterations}"),
+            (self.lr_img > 0 and self.lr_init > 0 and self.lr_lr >= 0, "--lr_img and --lr_init must be > 0, --lr_lr >= 0"),
+            (self.init in ("real", "noise"), f"--syn_init must be real or noise, got {self.init!r}"),
+            (self.remat in REMAT, f"--remat must be one of {', '.join(REMAT)}, got {self.remat!r}"),
+            (self.segment >= 0 and self.unroll >= 0, "--remat_segment and --scan_unroll must be >= 0"),
+            (not self.segment or self.syn_steps % self.segment == 0,
+             f"--remat_segment={self.segment} must divide --syn_steps={self.syn_steps}"),
+        ]
+        if n_epochs_stored is not None:
+            checks.append((self.max_start_epoch - 1 + self.expert_epochs <= n_epochs_stored,
+                           f"--max_start_epoch={self.max_start_epoch} + --expert_epochs={self.expert_epochs} needs "
+                           f"{self.max_start_epoch - 1 + self.expert_epochs} trained epochs, the experts store "
+                           f"{n_epochs_stored}"))
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def segment_length(self) -> int:
+        if self.segment:
+            return self.segment
+        divisors = [d for d in range(1, self.syn_steps + 1) if self.syn_steps % d == 0]
+        return min(divisors, key=lambda d: (abs(d - math.sqrt(self.syn_steps)), d))
+
+
+@flax.struct.dataclass
+class DistillState:
+    params: dict                 # {'x': [n_syn, frames, n_mels], 'log_lr': [], ('y': [n_syn, C] logits)}
+    opt_state: optax.OptState
+    labels: jax.Array            # [n_syn] int32 class of each synthetic sample
+    step: jax.Array              # int32 outer steps taken
+    n_nonfinite: jax.Array       # int32 outer steps whose loss/gradient was NaN/Inf (skipped)
+
+
+def _param_names(cfg: DistillConfig) -> dict:
+    return {"x": None, "log_lr": None, **({"y": None} if cfg.learn_labels else {})}
+
+
+def _tx(cfg: DistillConfig, params: dict) -> optax.GradientTransformation:
+    transforms = {
+        "x": optax.sgd(cfg.lr_img, momentum=cfg.momentum or None),
+        "log_lr": optax.sgd(cfg.lr_lr, momentum=cfg.momentum or None),
+        "y": optax.sgd(cfg.lr_labels, momentum=0.9),
+    }
+    return optax.multi_transform({k: transforms[k] for k in params}, {k: k for k in params})
+
+
+def targets_of(state_params: dict, labels: jax.Array, n_classes: int) -> jax.Array:
+    """``[n_syn, C]`` training targets: softmax of learned logits, or one-hot labels."""
+    if "y" in state_params:
+        return jax.nn.softmax(state_params["y"], axis=-1)
+    return jax.nn.one_hot(labels, n_classes, dtype=jnp.float32)
+
+
+def init_state(cfg: DistillConfig, x_train: np.ndarray, y_train: np.ndarray, n_classes: int,
+               key: jax.Array) -> DistillState:
+    """Synthetic set of ``ipc`` per class: random real training samples of that class, or noise."""
+    labels = np.repeat(np.arange(n_classes, dtype=np.int32), cfg.ipc)
+    if cfg.init == "real":
+        chosen = []
+        for c in range(n_classes):
+            pool = np.flatnonzero(np.asarray(y_train) == c)
+            if pool.size == 0:
+                raise ValueError(f"class {c} has no training samples to initialise the synthetic set from")
+            kc = jax.random.fold_in(key, c)
+            chosen.append(np.asarray(jax.random.choice(kc, pool, (cfg.ipc,), replace=pool.size < cfg.ipc)))
+        x = np.asarray(x_train)[np.concatenate(chosen)]
+    else:
+        x = np.asarray(jax.random.normal(key, (labels.size, *np.asarray(x_train).shape[1:])))
+    params = {"x": jnp.asarray(x, jnp.float32), "log_lr": jnp.asarray(math.log(cfg.lr_init), jnp.float32)}
+    if cfg.learn_labels:
+        params["y"] = 5.0 * jax.nn.one_hot(labels, n_classes, dtype=jnp.float32)
+    return DistillState(params=params, opt_state=_tx(cfg, params).init(params), labels=jnp.asarray(labels),
+                        step=jnp.zeros((), jnp.int32), n_nonfinite=jnp.zeros((), jnp.int32))
+
+
+def default_unroll(cfg: DistillConfig, steps_in_scan: int) -> int:
+    if cfg.unroll:
+        return min(cfg.unroll, steps_in_scan)
+    return steps_in_scan if jax.default_backend() == "cpu" else 1
+
+
+def unrolled_inner_loop(fm: FlatModel, cfg: DistillConfig, theta: jax.Array, x: jax.Array, targets: jax.Array,
+                        lr: jax.Array, key: jax.Array) -> jax.Array:
+    """``syn_steps`` SGD steps from ``theta [P]`` on the synthetic set; a plain Python loop (reference)."""
+    step = _inner_step(fm, cfg, x, targets, lr, key)
+    for i in range(cfg.syn_steps):
+        theta = step(theta, i)
+    return theta
+
+
+def _inner_step(fm: FlatModel, cfg: DistillConfig, x, targets, lr, key) -> Callable:
+    n = x.shape[0]
+    batch = cfg.batch_syn if 0 < cfg.batch_syn < n else n
+    kbatch, kaug = jax.random.split(key)
+    grad = jax.grad(lambda th, xb, tb: soft_cross_entropy(fm.apply(th, xb), tb))
+
+    def step(theta, i):
+        if batch < n:
+            ids = jax.random.permutation(jax.random.fold_in(kbatch, i), n)[:batch]
+            xb, tb = x[ids], targets[ids]
+        else:
+            xb, tb = x, targets
+        if cfg.augment:
+            xb = augment(xb, jax.random.fold_in(kaug, i))
+        return theta - lr * grad(theta, xb, tb)
+
+    return step
+
+
+def inner_loop(fm: FlatModel, cfg: DistillConfig, theta: jax.Array, x: jax.Array, targets: jax.Array,
+               lr: jax.Array, key: jax.Array) -> jax.Array:
+    """The same steps as :func:`unrolled_inner_loop`, as a (nested, rematerialised) ``lax.scan``."""
+    step = _inner_step(fm, cfg, x, targets, lr, key)
+    body = lambda th, i: (step(th, i), None)
+    if cfg.remat == "none":
+        return jax.lax.scan(body, theta, jnp.arange(cfg.syn_steps), unroll=default_unroll(cfg, cfg.syn_steps))[0]
+    body = jax.checkpoint(body)
+    if cfg.remat == "step":
+        return jax.lax.scan(body, theta, jnp.arange(cfg.syn_steps), unroll=default_unroll(cfg, cfg.syn_steps))[0]
+    seg = cfg.segment_length()
+    n_seg = cfg.syn_steps // seg
+
+    @jax.checkpoint
+    def segment(th, s):
+        steps = s * seg + jnp.arange(seg)
+        return jax.lax.scan(body, th, steps, unroll=default_unroll(cfg, seg))[0], None
+
+    return jax.lax.scan(segment, theta, jnp.arange(n_seg), unroll=default_unroll(cfg, n_seg))[0]
+
+
+def matching_loss(fm: FlatModel, cfg: DistillConfig, params: dict, labels: jax.Array, start: jax.Array,
+                  target: jax.Array, key: jax.Array, n_classes: int, loop: Callable = inner_loop) -> jax.Array:
+    """Normalised parameter distance after ``syn_steps`` inner steps from ``start`` to ``target``."""
+    theta = loop(fm, cfg, start, params["x"], targets_of(params, labels, n_classes), jnp.exp(params["log_lr"]), key)
+    num = jnp.sum(jnp.square(theta - target))
+    den = jnp.sum(jnp.square(start - target))
+    return num / jnp.maximum(den, 1e-12)
+
+
+def make_outer_step(fm: FlatModel, cfg: DistillConfig, n_classes: int) -> Callable:
+    """``outer_step(state, trajectories [E, T+1, P], root_key) -> (state, metrics)``; pure, jit it.
+
+    The key of step ``k`` is ``fold_in(root_key, k)``, so a resumed run repeats the same draws.
+    Steps whose loss or gradient is not finite leave the state unchanged and count in
+    ``state.n_nonfinite`` (the driver stops the run on it).
+    """
+    tx = _tx(cfg, _param_names(cfg))
+
+    def outer_step(state: DistillState, trajectories: jax.Array, root_key: jax.Array):
+        key = jax.random.fold_in(root_key, state.step)
+        k_expert, k_start, k_inner = jax.random.split(key, 3)
+        expert = jax.random.randint(k_expert, (), 0, trajectories.shape[0])
+        start_epoch = jax.random.randint(k_start, (), 0, cfg.max_start_epoch)
+        start = trajectories[expert, start_epoch].astype(jnp.float32)
+        target = trajectories[expert, start_epoch + cfg.expert_epochs].astype(jnp.float32)
+        loss, grads = jax.value_and_grad(matching_loss, argnums=2)(
+            fm, cfg, state.params, state.labels, start, target, k_inner, n_classes)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        new_state = DistillState(params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
+                                 labels=state.labels, step=state.step + 1,
+                                 n_nonfinite=state.n_nonfinite + (~finite).astype(jnp.int32))
+        metrics = {"loss": loss, "lr": jnp.exp(new_state.params["log_lr"]), "grad_norm": grad_norm,
+                   "expert": expert, "start_epoch": start_epoch}
+        return new_state, metrics
+
+    return outer_step
+
+
+def jit_outer_step(fm: FlatModel, cfg: DistillConfig, n_classes: int) -> Callable:
+    donate = () if jax.default_backend() == "cpu" else (0,)
+    return jax.jit(make_outer_step(fm, cfg, n_classes), donate_argnums=donate)
+
+
+def save_checkpoint(path: str | Path, state: DistillState, extra: dict[str, np.ndarray] | None = None) -> None:
+    leaves = jax.tree.leaves(state)
+    arrays = {f"leaf_{i:04d}": np.asarray(leaf) for i, leaf in enumerate(leaves)}
+    atomic_save_npz(path, {**arrays, **(extra or {})})
+
+
+def load_checkpoint(path: str | Path, like: DistillState) -> tuple[DistillState, dict[str, np.ndarray]]:
+    """Restores a state saved by :func:`save_checkpoint` into the structure of ``like``."""
+    arrays = load_npz(path)
+    leaves, treedef = jax.tree.flatten(like)
+    restored = []
+    for i, leaf in enumerate(leaves):
+        a = arrays.get(f"leaf_{i:04d}")
+        if a is None or a.shape != np.shape(leaf):
+            raise ValueError(f"checkpoint {path} does not match this configuration (leaf {i})")
+        restored.append(jnp.asarray(a, dtype=jnp.asarray(leaf).dtype))
+    extra = {k: v for k, v in arrays.items() if not k.startswith("leaf_")}
+    return jax.tree.unflatten(treedef, restored), extra
+
+
+def distill(fm: FlatModel, cfg: DistillConfig, trajectories: np.ndarray, x_train: np.ndarray, y_train: np.ndarray,
+            n_classes: int, seed: int, *, checkpoint_path: str | Path | None = None, checkpoint_every: int = 50,
+            log_every: int = 10, on_log: Callable[[dict], None] | None = None,
+            evaluate_every: int = 0, evaluate: Callable[[DistillState], float] | None = None,
+            progress: bool = True) -> tuple[DistillState, DistillState, list[dict]]:
+    """Runs ``cfg.iterations`` outer steps (resuming from ``checkpoint_path`` when it exists).
+
+    ``evaluate(state) -> score`` (validation UAR) runs every ``evaluate_every`` steps and at the end;
+    the best-scoring state is kept. Returns ``(final_state, best_state, evaluations)``.
+    Raises :class:`DistillDiverged` as soon as a non-finite loss is seen (at the next log point).
+    """
+    from tqdm import tqdm
+
+    cfg.validate(trajectories.shape[1] - 1)
+    root = jax.random.key(seed)
+    state = init_state(cfg, x_train, y_train, n_classes, jax.random.fold_in(root, 1_000_003))
+    best, evaluations = state, []
+    if checkpoint_path is not None and Path(checkpoint_path).is_file():
+        state, extra = load_checkpoint(checkpoint_path, state)
+        best, _ = load_checkpoint(Path(checkpoint_path).with_suffix(".best.npz"), state) \
+            if Path(checkpoint_path).with_suffix(".best.npz").is_file() else (state, None)
+        evaluations = [dict(zip(("step", "score"), map(float, row))) for row in extra.get("evaluations", [])]
+    trajectories = jnp.asarray(trajectories)
+    step_fn = jit_outer_step(fm, cfg, n_classes)
+    start = int(state.step)
+    pending = []
+
+    def check_and_log(step_no: int):
+        nonlocal pending
+        if int(state.n_nonfinite):
+            raise DistillDiverged(
+                f"distillation loss became NaN/Inf by iteration {step_no}; lower --lr_img or --lr_lr "
+                f"(now {cfg.lr_img}, {cfg.lr_lr}) or --syn_steps; the last checkpoint is kept")
+        for i, m in pending:
+            row = {"iteration": i, **{k: float(v) for k, v in m.items()}}
+            if on_log:
+                on_log(row)
+        pending = []
+
+    def maybe_evaluate(step_no: int):
+        nonlocal best
+        if evaluate is None:
+            return
+        score = float(evaluate(state))
+        evaluations.append({"step": step_no, "score": score})
+        if score >= max(e["score"] for e in evaluations):
+            best = state
+            if checkpoint_path is not None:
+                save_checkpoint(Path(checkpoint_path).with_suffix(".best.npz"), best)
+        if on_log:
+            on_log({"iteration": step_no, "val_uar": score})
+
+    if start == 0 and evaluate is not None and not evaluations:
+        maybe_evaluate(0)
+    bar = tqdm(range(start, cfg.iterations), desc="distill", unit="it", disable=not progress,
+               initial=start, total=cfg.iterations)
+    for it in bar:
+        state, metrics = step_fn(state, trajectories, root)
+        pending.append((it + 1, metrics))
+        last = it + 1 == cfg.iterations
+        if (it + 1) % log_every == 0 or last:
+            check_and_log(it + 1)
+            bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", lr=f"{float(metrics['lr']):.2e}")
+        if evaluate_every and ((it + 1) % evaluate_every == 0 or last):
+            maybe_evaluate(it + 1)
+        if checkpoint_path is not None and ((it + 1) % checkpoint_every == 0 or last):
+            check_and_log(it + 1)
+            ev = np.array([[e["step"], e["score"]] for e in evaluations], np.float64).reshape(-1, 2)
+            save_checkpoint(checkpoint_path, state, {"evaluations": ev})
+    if evaluate is None:
+        best = state
+    return state, best, evaluations

@@ -1,0 +1,113 @@
+"""Expert trajectories: N models trained on the full training split, parameters saved every epoch.
+
+Stored in a folder as ``trajectories.npz`` (``params [E, epochs + 1, P]`` in the storage dtype,
+``losses [E, epochs]``) plus ``meta.json`` (model spec, training config, feature-cache hash, timing
+and each expert's validation UAR), so a distillation against another model or cache refuses to start.
+Experts are trained in chunks (all at once under ``vmap``, one by one in ``loop`` mode); each
+finished chunk is saved, so an interrupted run resumes with the chunks still to do.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from sersynth import train
+from sersynth.io import atomic_save_npz, atomic_write_json, fingerprint, load_npz, read_json
+from sersynth.models import FlatModel, ModelSpec
+
+STORAGE_DTYPES = ("float32", "float16")
+
+
+class ExpertsMismatch(ValueError):
+    """Stored trajectories were made for another model, training config or feature cache."""
+
+
+@dataclasses.dataclass
+class Experts:
+    params: np.ndarray       # [E, epochs + 1, P] (storage dtype)
+    meta: dict
+
+    @property
+    def n_epochs(self) -> int:
+        return self.params.shape[1] - 1
+
+    @property
+    def inits(self) -> np.ndarray:
+        """``[E, P]`` float32: the initialisations the trajectories (and distillation) started from."""
+        return np.asarray(self.params[:, 0], np.float32)
+
+
+def _meta(spec: ModelSpec, cfg: train.TrainConfig, cache_hash: str, n_experts: int, seed: int, storage: str) -> dict:
+    return {"model": spec.to_json(), "train": dataclasses.asdict(cfg), "cache_hash": cache_hash,
+            "n_experts": n_experts, "seed": seed, "storage_dtype": storage}
+
+
+def train_experts(fm: FlatModel, cfg: train.TrainConfig, x_train, y_train, n_classes: int, n_experts: int,
+                  seed: int, out_dir: str | Path, *, cache_hash: str, storage_dtype: str = "float32",
+                  parallel: str | None = None, epoch_mode: str | None = None, eval_set=None,
+                  progress: bool = True) -> Experts:
+    """Trains (or resumes, or reuses) ``n_experts`` experts and writes them to ``out_dir``."""
+    from tqdm import tqdm
+
+    if storage_dtype not in STORAGE_DTYPES:
+        raise ValueError(f"--trajectory_dtype must be one of {STORAGE_DTYPES}, got {storage_dtype!r}")
+    out = Path(out_dir)
+    meta = _meta(fm.spec, cfg, cache_hash, n_experts, seed, storage_dtype)
+    tag = fingerprint(meta)
+    if (out / "meta.json").is_file() and read_json(out / "meta.json").get("fingerprint") == tag:
+        return load(out)
+    parallel = parallel or train.default_parallel()
+    chunk = n_experts if parallel == "vmap" else 1
+    root = jax.random.key(seed)
+    inits = fm.init_many(jax.random.split(jax.random.fold_in(root, 0), n_experts))
+    targets = train.one_hot(y_train, n_classes)
+    params, losses, seconds = [], [], 0.0
+    for c0 in tqdm(range(0, n_experts, chunk), desc="experts", unit="chunk", disable=not progress or chunk == n_experts):
+        part = out / f"chunk_{tag}_{c0:03d}.npz"
+        if part.is_file():
+            z = load_npz(part)
+        else:
+            t0 = time.perf_counter()
+            _, loss, traj = train.fit(fm, cfg, x_train, targets, inits[c0:c0 + chunk],
+                                      jax.random.fold_in(root, 1 + c0), parallel=parallel, epoch_mode=epoch_mode,
+                                      record=True, progress=progress, desc=f"expert {c0}" if chunk == 1 else "experts")
+            z = {"params": traj.astype(storage_dtype), "losses": loss,
+                 "seconds": np.array(time.perf_counter() - t0)}
+            atomic_save_npz(part, z)
+        params.append(z["params"])
+        losses.append(z["losses"])
+        seconds += float(z["seconds"])
+    params = np.concatenate(params)
+    meta.update(fingerprint=tag, n_epochs=int(params.shape[1] - 1), n_params=int(params.shape[2]),
+                train_seconds_total=seconds, train_seconds_per_expert=seconds / n_experts,
+                trajectory_bytes=int(params.nbytes))
+    if eval_set is not None:
+        x_eval, y_eval = eval_set
+        pred = train.predict(fm, jax.numpy.asarray(params[:, -1], np.float32), x_eval)
+        meta["final_val_uar"] = [train.uar(y_eval, p, n_classes) for p in pred]
+    atomic_save_npz(out / "trajectories.npz", {"params": params, "losses": np.concatenate(losses)})
+    atomic_write_json(out / "meta.json", meta)
+    for p in out.glob(f"chunk_{tag}_*.npz"):
+        p.unlink()
+    return Experts(params, meta)
+
+
+def load(out_dir: str | Path) -> Experts:
+    out = Path(out_dir)
+    if not (out / "meta.json").is_file() or not (out / "trajectories.npz").is_file():
+        raise FileNotFoundError(f"no expert trajectories in {out}; run the experts stage first")
+    return Experts(load_npz(out / "trajectories.npz")["params"], read_json(out / "meta.json"))
+
+
+def check_compatible(experts: Experts, spec: ModelSpec, cache_hash: str) -> None:
+    """Raises :class:`ExpertsMismatch` when the experts cannot guide a distillation of ``spec`` on this cache."""
+    if experts.meta["cache_hash"] != cache_hash:
+        raise ExpertsMismatch(f"experts were trained on feature cache {experts.meta['cache_hash']}, "
+                              f"this run uses {cache_hash}; re-run the experts stage")
+    if experts.meta["model"] != spec.to_json():
+        raise ExpertsMismatch(f"experts were trained for model {experts.meta['model']}, this run asks for "
+                              f"{spec.to_json()}; re-run the experts stage")

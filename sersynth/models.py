@@ -1,0 +1,212 @@
+"""Flax models for [frames, n_mels] log-Mel inputs, with a flat-parameter view for trajectory matching.
+
+Families:
+  * ``convnet``: the MTT ConvNet (Cazenavette et al. 2022): ``depth`` x [3x3 conv(width), norm, ReLU,
+    2x2 average pool], flatten, linear classifier.
+  * ``cnn6``: four 3x3 conv layers of 64/128/256/512 channels, each followed by 2x2 max pooling.
+  * ``vgg15``: five blocks of 2/2/3/3/3 3x3 convs at 64/128/256/512/512 channels, 2x2 max pool each.
+  * ``resnet9``: 7x7 stride-2 conv (64), 3x3 stride-2 max pool, three residual blocks of two 3x3
+    convs at 128/256/512 channels.
+  The PANNs-style ones (cnn6, vgg15, resnet9) end with global max pooling and two dense layers.
+
+``width_mult`` scales every channel count (tiny models for tests and the CPU quick-start).
+Normalisation is ``instance`` (GroupNorm, one channel per group), ``layer`` or ``none``: all are
+stateless, so a model is a pure function of its parameters, which trajectory matching needs.
+(PANNs use BatchNorm; its running statistics do not fit a pure inner loop, the MTT ConvNet's
+instance norm does.)
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+MODELS = ("convnet", "cnn6", "vgg15", "resnet9")
+NORMS = ("instance", "layer", "none")
+
+
+def _norm(kind: str, dtype) -> Callable[[jax.Array], jax.Array]:
+    if kind == "instance":
+        return nn.GroupNorm(num_groups=None, group_size=1, dtype=dtype)
+    if kind == "layer":
+        return nn.LayerNorm(dtype=dtype)
+    return lambda x: x
+
+
+def _ch(c: int, mult: float) -> int:
+    return max(1, int(round(c * mult)))
+
+
+def _max_pool(x, k=2, s=2):
+    return nn.max_pool(x, (k, k), strides=(s, s), padding="SAME")
+
+
+class ConvNet(nn.Module):
+    n_classes: int
+    width: int = 128
+    depth: int = 3
+    norm: str = "instance"
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = x[..., None].astype(self.dtype)
+        for _ in range(self.depth):
+            x = nn.Conv(self.width, (3, 3), padding="SAME", dtype=self.dtype)(x)
+            x = nn.relu(_norm(self.norm, self.dtype)(x))
+            x = nn.avg_pool(x, (2, 2), strides=(2, 2), padding="SAME")
+        x = x.reshape(x.shape[0], -1)
+        return nn.Dense(self.n_classes, dtype=self.dtype)(x).astype(jnp.float32)
+
+
+class _Head(nn.Module):
+    """Global max pooling over time and frequency, then two dense layers."""
+    n_classes: int
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x):
+        x = jnp.max(x, axis=(1, 2))
+        x = nn.relu(nn.Dense(x.shape[-1], dtype=self.dtype)(x))
+        return nn.Dense(self.n_classes, dtype=self.dtype)(x).astype(jnp.float32)
+
+
+class _ConvBlock(nn.Module):
+    channels: int
+    n_convs: int
+    norm: str
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x):
+        for _ in range(self.n_convs):
+            x = nn.Conv(self.channels, (3, 3), padding="SAME", dtype=self.dtype)(x)
+            x = nn.relu(_norm(self.norm, self.dtype)(x))
+        return _max_pool(x)
+
+
+class PlainCNN(nn.Module):
+    """CNN-6 (one conv per block) and VGG-15 (2/2/3/3/3 convs per block)."""
+    n_classes: int
+    channels: tuple[int, ...]
+    convs: tuple[int, ...]
+    norm: str = "instance"
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = x[..., None].astype(self.dtype)
+        for c, n in zip(self.channels, self.convs):
+            x = _ConvBlock(c, n, self.norm, self.dtype)(x)
+        return _Head(self.n_classes, self.dtype)(x)
+
+
+class _Residual(nn.Module):
+    channels: int
+    norm: str
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x):
+        y = nn.Conv(self.channels, (3, 3), strides=(2, 2), padding="SAME", dtype=self.dtype)(x)
+        y = nn.relu(_norm(self.norm, self.dtype)(y))
+        y = nn.Conv(self.channels, (3, 3), padding="SAME", dtype=self.dtype)(y)
+        y = _norm(self.norm, self.dtype)(y)
+        shortcut = nn.Conv(self.channels, (1, 1), strides=(2, 2), dtype=self.dtype)(x)
+        return nn.relu(y + shortcut)
+
+
+class ResNet9(nn.Module):
+    n_classes: int
+    width_mult: float = 1.0
+    norm: str = "instance"
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = x[..., None].astype(self.dtype)
+        x = nn.Conv(_ch(64, self.width_mult), (7, 7), strides=(2, 2), padding="SAME", dtype=self.dtype)(x)
+        x = nn.relu(_norm(self.norm, self.dtype)(x))
+        x = _max_pool(x, 3, 2)
+        for c in (128, 256, 512):
+            x = _Residual(_ch(c, self.width_mult), self.norm, self.dtype)(x)
+        return _Head(self.n_classes, self.dtype)(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild a model; stored with expert trajectories and distilled sets."""
+    name: str = "convnet"
+    n_classes: int = 7
+    input_shape: tuple[int, int] = (373, 64)     # [frames, n_mels]
+    width: int = 128                              # convnet channels
+    depth: int = 3                                # convnet conv layers
+    width_mult: float = 1.0                       # cnn6 / vgg15 / resnet9 channel scale
+    norm: str = "instance"
+    compute_dtype: str = "float32"                # float32 | bfloat16 (parameters stay float32)
+
+    def validate(self) -> None:
+        if self.name not in MODELS:
+            raise ValueError(f"unknown model {self.name!r}; known: {', '.join(MODELS)}")
+        if self.norm not in NORMS:
+            raise ValueError(f"unknown norm {self.norm!r}; known: {', '.join(NORMS)}")
+        if self.compute_dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"compute_dtype must be float32, bfloat16 or float16, got {self.compute_dtype!r}")
+        if self.n_classes < 2 or self.width < 1 or self.depth < 1 or self.width_mult <= 0:
+            raise ValueError("need n_classes >= 2, width >= 1, depth >= 1 and width_mult > 0")
+
+    def build(self) -> nn.Module:
+        self.validate()
+        dtype = jnp.dtype(self.compute_dtype)
+        if self.name == "convnet":
+            return ConvNet(self.n_classes, self.width, self.depth, self.norm, dtype)
+        if self.name == "cnn6":
+            return PlainCNN(self.n_classes, tuple(_ch(c, self.width_mult) for c in (64, 128, 256, 512)),
+                            (1, 1, 1, 1), self.norm, dtype)
+        if self.name == "vgg15":
+            return PlainCNN(self.n_classes, tuple(_ch(c, self.width_mult) for c in (64, 128, 256, 512, 512)),
+                            (2, 2, 3, 3, 3), self.norm, dtype)
+        return ResNet9(self.n_classes, self.width_mult, self.norm, dtype)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "ModelSpec":
+        d = dict(d)
+        d["input_shape"] = tuple(d["input_shape"])
+        return cls(**d)
+
+
+@dataclasses.dataclass(frozen=True)
+class FlatModel:
+    """A model seen as ``apply(flat_params [P], x [B, frames, n_mels]) -> logits [B, n_classes]``."""
+    spec: ModelSpec
+    n_params: int
+    unravel: Callable[[jax.Array], dict]
+    module: nn.Module
+
+    def apply(self, flat: jax.Array, x: jax.Array) -> jax.Array:
+        return self.module.apply({"params": self.unravel(flat)}, x)
+
+    def init(self, key: jax.Array) -> jax.Array:
+        """A fresh float32 parameter vector ``[P]``."""
+        dummy = jnp.zeros((1, *self.spec.input_shape), jnp.float32)
+        return ravel_pytree(self.module.init(key, dummy)["params"])[0].astype(jnp.float32)
+
+    def init_many(self, keys: jax.Array) -> jax.Array:
+        """``[len(keys), P]`` parameter vectors."""
+        return jax.vmap(self.init)(keys)
+
+
+def flat_model(spec: ModelSpec) -> FlatModel:
+    module = spec.build()
+    dummy = jnp.zeros((1, *spec.input_shape), jnp.float32)
+    shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), dummy)["params"])
+    template = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes)
+    flat, unravel = ravel_pytree(template)
+    return FlatModel(spec, int(flat.size), unravel, module)

@@ -1,0 +1,328 @@
+"""The run: prepare -> experts -> distill -> evaluate, each stage reading the artifacts of the one before.
+
+A run directory holds ``config.json`` (the resolved configuration), ``metrics.jsonl``, ``experts/``,
+``distill/`` (checkpoints and ``distilled.npz``), ``report.json``, ``plots/*.png`` and ``audio/*.wav``.
+The feature cache lives in ``cache/`` unless ``cache_dir`` points elsewhere (e.g. a cache carried to
+an accelerator machine). Nothing here imports librosa or soundfile at module level: a run on a
+prepared cache needs neither.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from sersynth import distill as distill_lib
+from sersynth import evaluate as eval_lib
+from sersynth import experts as experts_lib
+from sersynth import report as report_lib
+from sersynth import train
+from sersynth.data import cache as cache_lib
+from sersynth.io import atomic_save_npz, atomic_write_json, load_npz, read_json
+from sersynth.models import ModelSpec, flat_model
+
+STAGES = ("prepare", "experts", "distill", "evaluate")
+
+
+class RunError(ValueError):
+    """A run cannot start or continue as asked (one-line message for the user)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    workdir: str
+    stages: tuple[str, ...] = STAGES
+    seed: int = 0
+    overwrite: bool = False
+    progress: bool = True
+    # data
+    corpus: str = "embedded"
+    corpus_dir: str = ""                  # "" -> <workdir>/corpus (embedded corpus is generated there)
+    cache_dir: str = ""                   # "" -> <workdir>/cache
+    embedded_speakers: int = 30
+    embedded_utterances: int = 10
+    prepare: dict = dataclasses.field(default_factory=dict)   # PrepareConfig fields (features nested)
+    # model and training
+    model: dict = dataclasses.field(default_factory=dict)     # ModelSpec fields except n_classes/input_shape
+    expert_train: train.TrainConfig = train.TrainConfig()
+    n_experts: int = 5
+    trajectory_dtype: str = "float32"
+    parallel: str = ""                    # "" -> per backend
+    epoch_mode: str = ""                  # "" -> per backend
+    # distillation
+    distill: distill_lib.DistillConfig = distill_lib.DistillConfig()
+    eval_every: int = 0                   # validation evaluation of the synthetic set every N iterations
+    checkpoint_every: int = 50
+    log_every: int = 10
+    # evaluation
+    eval_seeds: int = 5
+    eval_epochs: int = 300                # epochs on distilled / subset data
+    eval_lr_grid: tuple[float, ...] = (0.3, 1.0, 3.0)   # subset baseline lr = expert lr x each, chosen on val
+    render_per_class: int = 2
+
+    @property
+    def paths(self) -> dict[str, Path]:
+        w = Path(self.workdir)
+        return {"corpus": Path(self.corpus_dir) if self.corpus_dir else w / "corpus",
+                "cache": Path(self.cache_dir) if self.cache_dir else w / "cache",
+                "experts": w / "experts", "distill": w / "distill", "report": w / "report.json",
+                "metrics": w / "metrics.jsonl", "plots": w / "plots", "audio": w / "audio", "config": w / "config.json"}
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        for volatile in ("stages", "overwrite", "progress"):
+            d.pop(volatile)
+        return d
+
+    def validate(self) -> None:
+        bad = [s for s in self.stages if s not in STAGES]
+        if bad or not self.stages:
+            raise RunError(f"--stage: unknown stage(s) {bad}; choose from all, {', '.join(STAGES)}")
+        try:
+            self.expert_train.validate("expert_")
+            self.distill.validate(self.expert_train.epochs)
+        except ValueError as e:
+            raise RunError(str(e)) from None
+        if self.n_experts < 1 or self.eval_seeds < 1 or self.eval_epochs < 1:
+            raise RunError("--n_experts, --eval_seeds and --eval_epochs must be >= 1")
+        if self.trajectory_dtype not in experts_lib.STORAGE_DTYPES:
+            raise RunError(f"--trajectory_dtype must be one of {experts_lib.STORAGE_DTYPES}")
+        if self.parallel not in ("", *train.PARALLEL) or self.epoch_mode not in ("", "scan", "host"):
+            raise RunError("--parallel must be vmap, loop or auto; --epoch_mode scan, host or auto")
+        if not self.eval_lr_grid or min(self.eval_lr_grid) <= 0:
+            raise RunError("--eval_lr_grid needs positive multipliers")
+        if "prepare" not in self.stages and not (self.paths["cache"] / "manifest.json").is_file():
+            raise RunError(f"no feature cache in {self.paths['cache']}; run the prepare stage or set --cache_dir")
+
+
+def _log_metrics(path: Path, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps({"time": round(time.time(), 3), **row}) + "\n")
+
+
+def check_workdir(cfg: RunConfig) -> None:
+    """Refuses to mix two configurations in one run directory, or to silently redo a finished run."""
+    p = cfg.paths
+    if p["config"].is_file():
+        old = read_json(p["config"])
+        new = json.loads(json.dumps(cfg.to_json(), default=list))
+        if old != new and not cfg.overwrite:
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            raise RunError(f"{cfg.workdir} holds a run with other settings (differ: {', '.join(diff)}); "
+                           "use another --workdir or --overwrite")
+        if p["report"].is_file() and "evaluate" in cfg.stages and not cfg.overwrite and set(cfg.stages) == set(STAGES):
+            raise RunError(f"{cfg.workdir} holds a finished run (report.json); use --overwrite to redo it")
+    if cfg.overwrite:
+        for key in ("experts", "distill", "plots", "audio"):
+            shutil.rmtree(p[key], ignore_errors=True)
+        for key in ("report", "metrics"):
+            p[key].unlink(missing_ok=True)
+    atomic_write_json(p["config"], cfg.to_json())
+
+
+def stage_prepare(cfg: RunConfig) -> cache_lib.FeatureSet:
+    from sersynth.data import features, prepare, synth_corpus
+
+    p = cfg.paths
+    pc = dict(cfg.prepare)
+    feat = features.FeatureConfig(**pc.pop("features", {}))
+    pcfg = prepare.PrepareConfig(corpus=cfg.corpus, features=feat, **pc)
+    if cfg.corpus == "embedded":
+        synth_corpus.generate(p["corpus"], synth_corpus.CorpusConfig(
+            n_speakers=cfg.embedded_speakers, utterances=cfg.embedded_utterances,
+            emotions=tuple(pcfg.emotions) or synth_corpus.PAPER_EMOTIONS, seed=cfg.seed,
+            sample_rate=max(feat.sample_rate, 16000)), progress=cfg.progress)
+    elif not p["corpus"].is_dir():
+        raise RunError(f"--corpus_dir {p['corpus']} does not exist")
+    fs = prepare.prepare(p["corpus"], p["cache"], pcfg, progress=cfg.progress)
+    logging.info("feature cache %s\n%s", p["cache"], prepare.summary(fs))
+    return fs
+
+
+def _model(cfg: RunConfig, fs: cache_lib.FeatureSet):
+    spec = ModelSpec(n_classes=fs.n_classes, input_shape=tuple(fs.x.shape[1:]), **cfg.model)
+    try:
+        return flat_model(spec)
+    except ValueError as e:
+        raise RunError(str(e)) from None
+
+
+def stage_experts(cfg: RunConfig, fs: cache_lib.FeatureSet) -> experts_lib.Experts:
+    fm = _model(cfg, fs)
+    x, y = fs.subset("train")
+    ex = experts_lib.train_experts(
+        fm, cfg.expert_train, x, y, fs.n_classes, cfg.n_experts, cfg.seed, cfg.paths["experts"],
+        cache_hash=fs.hash, storage_dtype=cfg.trajectory_dtype, parallel=cfg.parallel or None,
+        epoch_mode=cfg.epoch_mode or None, eval_set=fs.subset("val"), progress=cfg.progress)
+    logging.info("experts: %d x %d epochs, %d parameters, val UAR %s", cfg.n_experts, ex.n_epochs,
+                 fm.n_params, np.round(ex.meta.get("final_val_uar", []), 3))
+    return ex
+
+
+def _eval_config(cfg: RunConfig, n_train: int) -> train.TrainConfig:
+    """Training on a small set: the experts' optimiser family, ``eval_epochs``, whole-set batches
+    when it fits, and the augmentation used during distillation."""
+    return dataclasses.replace(cfg.expert_train, optimizer="sgd", momentum=0.0, epochs=cfg.eval_epochs,
+                               batch_size=cfg.distill.batch_syn or n_train, lr_decay_every=0,
+                               augment=cfg.distill.augment)
+
+
+def _train_distilled(cfg, fm, x, targets, lr, inits, key, eval_sets, n_classes, name):
+    return eval_lib.train_and_score(name, fm, _eval_config(cfg, x.shape[0]), x, targets, inits, key, eval_sets,
+                                    n_classes, lr=lr, parallel=cfg.parallel or None,
+                                    epoch_mode=cfg.epoch_mode or None)
+
+
+def stage_distill(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Experts) -> dict:
+    fm = _model(cfg, fs)
+    try:
+        experts_lib.check_compatible(ex, fm.spec, fs.hash)
+        cfg.distill.validate(ex.n_epochs)
+    except ValueError as e:
+        raise RunError(str(e)) from None
+    x, y = fs.subset("train")
+    val = {"val": fs.subset("val")}
+    inits = jnp.asarray(ex.inits)
+    dist_dir = cfg.paths["distill"]
+
+    def evaluate(state):
+        targets = distill_lib.targets_of(state.params, state.labels, fs.n_classes)
+        r = _train_distilled(cfg, fm, state.params["x"], targets, float(jnp.exp(state.params["log_lr"])), inits,
+                             jax.random.key(cfg.seed + 7), val, fs.n_classes, "val")
+        return r.mean_std("val")[0]
+
+    t0 = time.perf_counter()
+    final, best, evaluations = distill_lib.distill(
+        fm, cfg.distill, ex.params, x, y, fs.n_classes, cfg.seed, checkpoint_path=dist_dir / "checkpoint.npz",
+        checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every,
+        on_log=lambda row: _log_metrics(cfg.paths["metrics"], {"stage": "distill", **row}),
+        evaluate_every=cfg.eval_every, evaluate=evaluate if cfg.eval_every else None, progress=cfg.progress)
+    seconds = time.perf_counter() - t0
+    chosen = best
+    selected = max(evaluations, key=lambda e: e["score"])["step"] if evaluations else cfg.distill.iterations
+    targets = np.asarray(distill_lib.targets_of(chosen.params, chosen.labels, fs.n_classes))
+    out = {"x": np.asarray(chosen.params["x"]), "labels": np.asarray(chosen.labels), "targets": targets,
+           "lr": np.asarray(jnp.exp(chosen.params["log_lr"]))}
+    atomic_save_npz(dist_dir / "distilled.npz", out)
+    meta = {"model": fm.spec.to_json(), "cache_hash": fs.hash, "experts": ex.meta["fingerprint"],
+            "distill": dataclasses.asdict(cfg.distill), "selected_iteration": int(selected),
+            "evaluations": evaluations, "seconds": seconds, "classes": fs.classes}
+    atomic_write_json(dist_dir / "meta.json", meta)
+    logging.info("distilled %d samples in %.1f s; selected iteration %d (val UAR %s)", out["x"].shape[0], seconds,
+                 selected, f"{max(e['score'] for e in evaluations):.3f}" if evaluations else "n/a")
+    return {**out, "meta": meta}
+
+
+def load_distilled(cfg: RunConfig) -> dict:
+    d = cfg.paths["distill"]
+    if not (d / "distilled.npz").is_file() or not (d / "meta.json").is_file():
+        raise RunError(f"no distilled set in {d}; run the distill stage first")
+    return {**load_npz(d / "distilled.npz"), "meta": read_json(d / "meta.json")}
+
+
+def stage_evaluate(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Experts, distilled: dict) -> dict:
+    fm = _model(cfg, fs)
+    if distilled["meta"]["cache_hash"] != fs.hash or distilled["meta"]["experts"] != ex.meta["fingerprint"]:
+        raise RunError("the distilled set was made from another feature cache or other experts; re-run distill")
+    n_classes, classes = fs.n_classes, fs.classes
+    x_tr, y_tr = fs.subset("train")
+    sets = {"val": fs.subset("val"), "test": fs.subset("test")}
+    key = jax.random.key(cfg.seed + 11)
+    x_syn, t_syn, lr = distilled["x"], distilled["targets"], float(distilled["lr"])
+    n_syn = x_syn.shape[0]
+    ipc = n_syn // n_classes
+    results: dict[str, eval_lib.Result] = {}
+
+    # Full data: the experts are models trained on the whole training split.
+    uar, wa, cm = eval_lib.score(fm, jnp.asarray(ex.params[:, -1], jnp.float32), sets, n_classes)
+    results["full_data"] = eval_lib.Result("full_data", uar, wa, cm, ex.meta["train_seconds_per_expert"],
+                                           int(x_tr.shape[0]), {"epochs": ex.n_epochs, "seeds": "experts"})
+    results["distilled_fixed_init"] = _train_distilled(cfg, fm, x_syn, t_syn, lr, ex.inits, key, sets, n_classes,
+                                                       "distilled_fixed_init")
+    random_inits = fm.init_many(jax.random.split(jax.random.fold_in(key, 1), cfg.eval_seeds))
+    results["distilled_random_init"] = _train_distilled(cfg, fm, x_syn, t_syn, lr, random_inits,
+                                                        jax.random.fold_in(key, 2), sets, n_classes,
+                                                        "distilled_random_init")
+    # Random real subset of the same size, trained from the same fixed inits; its lr chosen on val.
+    rng = np.random.default_rng(cfg.seed + 13)
+    subsets = [eval_lib.random_subset(y_tr, ipc, n_classes, rng) for _ in range(cfg.eval_seeds)]
+    best = None
+    for mult in cfg.eval_lr_grid:
+        runs = [_train_distilled(cfg, fm, x_tr[idx], train.one_hot(y_tr[idx], n_classes), cfg.expert_train.lr * mult,
+                                 ex.inits[[s % ex.inits.shape[0]]], jax.random.fold_in(key, 100 + s),
+                                 sets, n_classes, "random_subset") for s, idx in enumerate(subsets)]
+        merged = eval_lib.Result(
+            "random_subset_fixed_init", {k: [r.uar[k][0] for r in runs] for k in sets},
+            {k: [r.wa[k][0] for r in runs] for k in sets},
+            {k: np.sum([r.confusion[k] for r in runs], axis=0).tolist() for k in sets},
+            sum(r.train_seconds for r in runs), n_syn, {"lr": cfg.expert_train.lr * mult})
+        if best is None or merged.mean_std("val")[0] > best.mean_std("val")[0]:
+            best = merged
+    results["random_subset_fixed_init"] = best
+
+    full_feature_bytes = int(x_tr.nbytes)
+    files = fs.manifest["files"]
+    train_audio_bytes = int(sum(f.get("bytes", 0) for f in files if f["split"] == "train"))
+    full = results["full_data"].mean_std("test")[0]
+    summary = {
+        "uar_ratio_fixed": results["distilled_fixed_init"].mean_std("test")[0] / max(full, 1e-9),
+        "uar_ratio_random": results["distilled_random_init"].mean_std("test")[0] / max(full, 1e-9),
+        "distilled_minus_subset_test_uar": results["distilled_fixed_init"].mean_std("test")[0]
+        - results["random_subset_fixed_init"].mean_std("test")[0],
+        "fraction_of_train": n_syn / x_tr.shape[0],
+        "distilled_bytes": int(x_syn.astype(np.float32).nbytes), "full_feature_bytes": full_feature_bytes,
+        "full_audio_bytes": train_audio_bytes,
+        "storage_ratio_features": x_syn.astype(np.float32).nbytes / full_feature_bytes,
+        "storage_ratio_audio": x_syn.astype(np.float32).nbytes / max(train_audio_bytes, 1),
+        "train_seconds_full_per_model": ex.meta["train_seconds_per_expert"],
+        "train_seconds_distilled_per_model": results["distilled_fixed_init"].train_seconds / ex.inits.shape[0],
+        "learned_lr": lr, "ipc": ipc, "selected_iteration": distilled["meta"]["selected_iteration"],
+        "distill_seconds": distilled["meta"]["seconds"],
+    }
+    report = {"corpus": fs.manifest["corpus"], "classes": classes, "cache_hash": fs.hash,
+              "model": fm.spec.to_json(), "n_params": fm.n_params, "backend": jax.default_backend(),
+              "devices": [str(d) for d in jax.devices()], "jax_version": jax.__version__,
+              "results": {k: r.to_json() for k, r in results.items()}, "summary": summary,
+              "protocol": "model selection on validation speakers; test speakers read once for this report"}
+
+    p = cfg.paths
+    rows = [json.loads(line) for line in p["metrics"].read_text().splitlines()] if p["metrics"].is_file() else []
+    plots = [report_lib.plot_curves([r for r in rows if r.get("stage") == "distill"], p["plots"] / "distill_curves.png"),
+             report_lib.plot_spectrograms(x_syn, distilled["labels"], classes, p["plots"] / "distilled_spectrograms.png"),
+             report_lib.plot_confusions({"full data (test)": results["full_data"].confusion["test"],
+                                         "distilled, fixed init (test)": results["distilled_fixed_init"].confusion["test"],
+                                         "random subset (test)": results["random_subset_fixed_init"].confusion["test"]},
+                                        classes, p["plots"] / "confusion_test.png")]
+    audio = report_lib.render_audio(x_syn, distilled["labels"], classes, fs.mel_mean, fs.mel_std,
+                                    fs.manifest["features"], p["audio"], cfg.render_per_class)
+    report["artifacts"] = {"plots": [str(x.relative_to(cfg.workdir)) for x in plots],
+                           "audio": [str(x.relative_to(cfg.workdir)) for x in audio]}
+    atomic_write_json(p["report"], report)
+    return report
+
+
+def run(cfg: RunConfig) -> dict | None:
+    """Runs the requested stages in order; each later stage loads what an earlier run wrote."""
+    cfg.validate()
+    check_workdir(cfg)
+    fs = stage_prepare(cfg) if "prepare" in cfg.stages else cache_lib.load(cfg.paths["cache"])
+    if "experts" in cfg.stages:
+        ex = stage_experts(cfg, fs)
+    elif {"distill", "evaluate"} & set(cfg.stages):
+        ex = experts_lib.load(cfg.paths["experts"])
+    if "distill" in cfg.stages:
+        distilled = stage_distill(cfg, fs, ex)
+    elif "evaluate" in cfg.stages:
+        distilled = load_distilled(cfg)
+    if "evaluate" in cfg.stages:
+        report = stage_evaluate(cfg, fs, ex, distilled)
+        print(report_lib.summary_table(report))
+        return report
+    return None

@@ -1,0 +1,128 @@
+"""What a run shows people: plots (PNG), audio renders of the distilled set, a console table."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from absl import logging
+
+from sersynth.io import atomic_write_bytes
+
+
+def _save(fig, path: Path) -> Path:
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    atomic_write_bytes(path, buf.getvalue())
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(rows: list[dict], path: Path) -> Path:
+    """Matching loss and learned lr per iteration, validation UAR at evaluation points."""
+    plt = _plt()
+    steps = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "val_uar" in r]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    it = [r["iteration"] for r in steps]
+    axes[0].plot(it, [r["loss"] for r in steps], lw=0.8)
+    axes[0].set(title="trajectory-matching loss", xlabel="iteration")
+    axes[1].plot(it, [r["lr"] for r in steps], lw=0.8, color="tab:orange")
+    axes[1].set(title="learned inner lr", xlabel="iteration")
+    axes[2].plot([r["iteration"] for r in evals], [r["val_uar"] for r in evals], "o-", color="tab:green")
+    axes[2].set(title="validation UAR (distilled, fixed init)", xlabel="iteration")
+    return _save(fig, path)
+
+
+def plot_spectrograms(x: np.ndarray, labels: np.ndarray, classes: list[str], path: Path, per_class: int = 4) -> Path:
+    """Grid of distilled log-Mel spectrograms, one row per class."""
+    plt = _plt()
+    per_class = max(1, min(per_class, int(np.bincount(labels).min())))
+    fig, axes = plt.subplots(len(classes), per_class, figsize=(2.2 * per_class, 1.5 * len(classes)), squeeze=False)
+    lim = float(np.percentile(np.abs(x), 99))
+    for c, name in enumerate(classes):
+        idx = np.flatnonzero(labels == c)[:per_class]
+        for j in range(per_class):
+            ax = axes[c, j]
+            ax.set_xticks([]), ax.set_yticks([])
+            if j < idx.size:
+                ax.imshow(x[idx[j]].T, origin="lower", aspect="auto", cmap="magma", vmin=-lim, vmax=lim)
+            if j == 0:
+                ax.set_ylabel(name, fontsize=9)
+    fig.suptitle("distilled log-Mel spectrograms (time ->, Mel bins ^)")
+    return _save(fig, path)
+
+
+def plot_confusions(matrices: dict[str, np.ndarray], classes: list[str], path: Path) -> Path:
+    """Row-normalised confusion matrices side by side (e.g. full data vs distilled)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(matrices), figsize=(4.2 * len(matrices), 4), squeeze=False)
+    for ax, (name, cm) in zip(axes[0], matrices.items()):
+        cm = np.asarray(cm, float)
+        norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+        ax.imshow(norm, vmin=0, vmax=1, cmap="Blues")
+        for i in range(len(classes)):
+            for j in range(len(classes)):
+                ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                        color="white" if norm[i, j] > 0.5 else "black")
+        ax.set_xticks(range(len(classes)), [c[:4] for c in classes], rotation=90, fontsize=7)
+        ax.set_yticks(range(len(classes)), [c[:4] for c in classes], fontsize=7)
+        ax.set(title=name, xlabel="predicted", ylabel="true")
+    return _save(fig, path)
+
+
+def render_audio(x: np.ndarray, labels: np.ndarray, classes: list[str], mel_mean: np.ndarray, mel_std: np.ndarray,
+                 features: dict, out_dir: Path, per_class: int = 2) -> list[Path]:
+    """Griffin-Lim WAV renders of distilled spectrograms (needs librosa and soundfile; skipped without)."""
+    try:
+        import librosa
+        import soundfile as sf
+    except ImportError:
+        logging.warning("librosa/soundfile not installed: no audio renders (install sersynth with its audio extras)")
+        return []
+    out = []
+    sr = features["sample_rate"]
+    for c, name in enumerate(classes):
+        for k, i in enumerate(np.flatnonzero(labels == c)[:per_class]):
+            db = x[i] * mel_std + mel_mean                                  # [frames, n_mels] in dB
+            mel = librosa.db_to_power(db.T)
+            audio = librosa.feature.inverse.mel_to_audio(
+                mel, sr=sr, n_fft=features["n_fft"], hop_length=features["hop_length"], power=2.0,
+                fmin=features["fmin"], fmax=features["fmax"] or sr / 2, n_iter=32)
+            audio = 0.9 * audio / (np.max(np.abs(audio)) + 1e-9)
+            path = out_dir / f"{name}_{k}.wav"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp.wav")
+            sf.write(tmp, audio.astype(np.float32), sr, subtype="PCM_16")
+            os.replace(tmp, path)
+            out.append(path)
+    return out
+
+
+def summary_table(report: dict) -> str:
+    """Console table of validation/test UAR and WA (mean +- std over seeds) per training setting."""
+    lines = [f"{'training set':<26}{'n':>7}{'val UAR':>16}{'test UAR':>16}{'test WA':>16}{'train s':>9}"]
+    for name, r in report["results"].items():
+        lines.append(f"{name:<26}{r['n_train']:>7}"
+                     f"{r['val_uar_mean'] * 100:>10.1f} ± {r['val_uar_std'] * 100:<3.1f}"
+                     f"{r['test_uar_mean'] * 100:>10.1f} ± {r['test_uar_std'] * 100:<3.1f}"
+                     f"{r['test_wa_mean'] * 100:>10.1f} ± {r['test_wa_std'] * 100:<3.1f}{r['train_seconds']:>9.1f}")
+    s = report["summary"]
+    lines.append(f"distilled (fixed init) / full-data test UAR: {s['uar_ratio_fixed']:.3f}   "
+                 f"(random init: {s['uar_ratio_random']:.3f})   distilled set = {s['fraction_of_train'] * 100:.2f}% "
+                 f"of the training clips, {s['storage_ratio_features'] * 100:.2f}% of their feature bytes, "
+                 f"{s['storage_ratio_audio'] * 100:.3f}% of their audio bytes")
+    return "\n".join(lines)

@@ -1,0 +1,235 @@
+"""Plain supervised training of flat-parameter models, shared by expert training and evaluation.
+
+One jitted epoch (``lax.scan`` over minibatches) per call; several models (experts, evaluation
+seeds) are trained either together with ``vmap`` or one after another (``loop``): which is faster
+depends on the backend (grouped convolutions under vmap are slow on XLA CPU), see
+``benchmarks/experts.py``. Targets are class probabilities ``[N, n_classes]`` so that one code path
+serves one-hot real labels and learned soft labels.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from sersynth.models import FlatModel
+
+PARALLEL = ("vmap", "loop")
+
+
+def default_parallel() -> str:
+    """Measured default: vmap on accelerators, a loop on XLA CPU (see benchmarks/RESULTS.md)."""
+    return "loop" if jax.default_backend() == "cpu" else "vmap"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """How a model is trained (experts; evaluation reuses it). Paper experts: adam, 1e-3, x0.7 every 5."""
+    optimizer: str = "sgd"          # sgd | adam
+    lr: float = 0.01
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    lr_decay: float = 1.0           # lr multiplied by this every lr_decay_every epochs
+    lr_decay_every: int = 0         # 0: constant lr
+    epochs: int = 50
+    batch_size: int = 256
+    augment: bool = False           # SpecAugment-style time shift and masks
+
+    def validate(self, prefix: str = "") -> None:
+        if self.optimizer not in ("sgd", "adam"):
+            raise ValueError(f"--{prefix}optimizer must be sgd or adam, got {self.optimizer!r}")
+        if not self.lr > 0:
+            raise ValueError(f"--{prefix}lr must be > 0, got {self.lr}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"--{prefix}epochs and --{prefix}batch_size must be >= 1")
+        if not 0 < self.lr_decay <= 1 or self.lr_decay_every < 0:
+            raise ValueError(f"--{prefix}lr_decay must be in (0, 1] and --{prefix}lr_decay_every >= 0")
+
+
+def make_optimizer(cfg: TrainConfig, steps_per_epoch: int, lr: float | None = None) -> optax.GradientTransformation:
+    lr = cfg.lr if lr is None else lr
+    if cfg.lr_decay_every and cfg.lr_decay < 1:
+        schedule = optax.exponential_decay(lr, transition_steps=steps_per_epoch * cfg.lr_decay_every,
+                                           decay_rate=cfg.lr_decay, staircase=True)
+    else:
+        schedule = lr
+    if cfg.optimizer == "adam":
+        tx = optax.adam(schedule)
+    else:
+        tx = optax.sgd(schedule, momentum=cfg.momentum or None)
+    if cfg.weight_decay:
+        tx = optax.chain(optax.add_decayed_weights(cfg.weight_decay), tx)
+    return tx
+
+
+def soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Mean cross entropy against target distributions ``[B, C]`` (float32)."""
+    return -jnp.mean(jnp.sum(targets * jax.nn.log_softmax(logits.astype(jnp.float32)), axis=-1))
+
+
+def augment(x: jax.Array, key: jax.Array, max_shift: float = 0.25, mask_frac: float = 0.15) -> jax.Array:
+    """Differentiable SpecAugment-style augmentation of ``[B, frames, n_mels]``.
+
+    Per sample: a circular time shift of up to ``max_shift`` of the frames, one time mask and one
+    frequency mask of up to ``mask_frac`` of the axis (masked cells set to 0, the normalised mean).
+    """
+    b, t, f = x.shape
+    k1, k2, k3, k4, k5 = jax.random.split(key, 5)
+    shift = jax.random.randint(k1, (b,), -int(max_shift * t), int(max_shift * t) + 1)
+    x = jax.vmap(lambda xi, s: jnp.roll(xi, s, axis=0))(x, shift)
+
+    def band(kw, ks, n):
+        width = jax.random.randint(kw, (b, 1), 0, max(1, int(mask_frac * n)) + 1)
+        start = jax.random.randint(ks, (b, 1), 0, n)
+        idx = jnp.arange(n)[None]
+        return ((idx < start) | (idx >= start + width)).astype(x.dtype)
+
+    return x * band(k2, k3, t)[:, :, None] * band(k4, k5, f)[:, None, :]
+
+
+def loss_fn(fm: FlatModel, flat: jax.Array, x: jax.Array, targets: jax.Array) -> jax.Array:
+    return soft_cross_entropy(fm.apply(flat, x), targets)
+
+
+def default_epoch_mode() -> str:
+    """Measured default: one ``lax.scan`` per epoch on accelerators; on XLA CPU a host loop of jitted
+    steps, since convolutions inside a rolled while loop ran ~15x slower there (benchmarks/RESULTS.md)."""
+    return "host" if jax.default_backend() == "cpu" else "scan"
+
+
+def make_step(fm: FlatModel, tx: optax.GradientTransformation, use_augment: bool) -> Callable:
+    """``step(flat [P], opt_state, x [N,...], targets [N,C], ids [B], key) -> (flat, opt_state, loss)``."""
+
+    def step(flat, opt_state, x, targets, ids, key):
+        xb = x[ids]
+        if use_augment:
+            xb = augment(xb, key)
+        loss, g = jax.value_and_grad(functools.partial(loss_fn, fm))(flat, xb, targets[ids])
+        updates, opt_state = tx.update(g, opt_state, flat)
+        return optax.apply_updates(flat, updates), opt_state, loss
+
+    return step
+
+
+def epoch_batches(key: jax.Array, n: int, batch: int) -> jax.Array:
+    """``[steps, batch]`` indices of one shuffled epoch (the last partial batch is dropped)."""
+    steps = max(1, n // batch)
+    return jax.random.permutation(key, n)[: steps * batch].reshape(steps, batch)
+
+
+def make_epoch(step: Callable, n: int, batch: int) -> Callable:
+    """``epoch(flat, opt_state, x, targets, key) -> (flat, opt_state, mean loss)`` as one ``lax.scan``."""
+
+    def epoch(flat, opt_state, x, targets, key):
+        kperm, kaug = jax.random.split(key)
+        idx = epoch_batches(kperm, n, batch)
+
+        def body(carry, inputs):
+            i, ids = inputs
+            flat, opt_state, loss = step(*carry, x, targets, ids, jax.random.fold_in(kaug, i))
+            return (flat, opt_state), loss
+
+        (flat, opt_state), losses = jax.lax.scan(body, (flat, opt_state), (jnp.arange(idx.shape[0]), idx))
+        return flat, opt_state, jnp.mean(losses)
+
+    return epoch
+
+
+def one_hot(y: np.ndarray, n_classes: int) -> np.ndarray:
+    return np.eye(n_classes, dtype=np.float32)[np.asarray(y)]
+
+
+def fit(fm: FlatModel, cfg: TrainConfig, x, targets, init: jax.Array, key: jax.Array, *,
+        parallel: str | None = None, epoch_mode: str | None = None, record: bool = False,
+        lr: float | None = None, progress: bool = False, desc: str = "train"):
+    """Trains ``S = init.shape[0]`` models on the same data, each with its own batch order.
+
+    Args:
+      x: ``[N, frames, n_mels]``; targets: ``[N, C]`` class probabilities; init: ``[S, P]``.
+      parallel: ``vmap`` (one program for all models) or ``loop`` (one model after another).
+      epoch_mode: ``scan`` (one jitted epoch) or ``host`` (a host loop of jitted steps).
+      record: also return the parameters after every epoch, ``[S, epochs + 1, P]`` (numpy float32).
+    Returns:
+      ``(params [S, P], losses [S, epochs], trajectory or None)``.
+    """
+    from tqdm import tqdm
+
+    parallel = parallel or default_parallel()
+    epoch_mode = epoch_mode or default_epoch_mode()
+    if parallel not in PARALLEL:
+        raise ValueError(f"parallel must be one of {PARALLEL}, got {parallel!r}")
+    if epoch_mode not in ("scan", "host"):
+        raise ValueError(f"epoch_mode must be scan or host, got {epoch_mode!r}")
+    x, targets = jnp.asarray(x), jnp.asarray(targets)
+    n = x.shape[0]
+    batch = min(cfg.batch_size, n)
+    tx = make_optimizer(cfg, max(1, n // batch), lr)
+    step = make_step(fm, tx, cfg.augment)
+    unit = make_epoch(step, n, batch) if epoch_mode == "scan" else step
+    n_models = init.shape[0]
+    if parallel == "vmap":
+        in_axes = (0, 0, None, None, 0) if epoch_mode == "scan" else (0, 0, None, None, 0, 0)
+        vunit = jax.jit(jax.vmap(unit, in_axes=in_axes))
+        run = lambda p, o, *a: vunit(p, o, x, targets, *a)
+        params, opt_state = init, jax.vmap(tx.init)(init)
+    else:
+        junit = jax.jit(unit)
+
+        def run(p, o, *a):
+            out = [junit(p[i], o[i], x, targets, *(v[i] for v in a)) for i in range(n_models)]
+            return [r[0] for r in out], [r[1] for r in out], jnp.stack([r[2] for r in out])
+
+        params, opt_state = [init[i] for i in range(n_models)], [tx.init(init[i]) for i in range(n_models)]
+    perms = jax.jit(jax.vmap(lambda k: epoch_batches(k, n, batch)))
+    model_keys = jax.random.split(key, n_models)
+    traj = [np.asarray(init, np.float32)] if record else None
+    losses = []
+    for e in tqdm(range(cfg.epochs), desc=desc, unit="epoch", disable=not progress, leave=False):
+        ekeys = jax.vmap(lambda k: jax.random.fold_in(k, e))(model_keys)
+        if epoch_mode == "scan":
+            params, opt_state, loss = run(params, opt_state, ekeys)
+        else:
+            kperm, kaug = jnp.moveaxis(jax.vmap(jax.random.split)(ekeys), 1, 0)
+            idx = perms(kperm)                                            # [S, steps, batch]
+            step_losses = []
+            for s_ in range(idx.shape[1]):
+                skeys = jax.vmap(lambda k: jax.random.fold_in(k, s_))(kaug)
+                params, opt_state, l_ = run(params, opt_state, idx[:, s_], skeys)
+                step_losses.append(l_)
+            loss = jnp.mean(jnp.stack(step_losses), axis=0)
+        losses.append(loss)
+        if record:
+            traj.append(np.asarray(jnp.stack(params) if parallel == "loop" else params, np.float32))
+    final = jnp.stack(params) if parallel == "loop" else params
+    return final, np.asarray(jnp.stack(losses, axis=1)), (np.stack(traj, axis=1) if record else None)
+
+
+def predict(fm: FlatModel, params: jax.Array, x, chunk: int = 512) -> np.ndarray:
+    """Class predictions ``[S, N]`` of ``S`` models ``params [S, P]`` on ``x [N, ...]``."""
+    fn = jax.jit(jax.vmap(lambda p, xb: jnp.argmax(fm.apply(p, xb), -1), in_axes=(0, None)))
+    x = np.asarray(x)
+    return np.concatenate([np.asarray(fn(params, jnp.asarray(x[i:i + chunk])))
+                           for i in range(0, x.shape[0], chunk)], axis=1)
+
+
+def confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
+    """``[C, C]`` counts, rows true class, columns predicted."""
+    return np.bincount(y_true * n_classes + y_pred, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+
+
+def uar(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
+    """Unweighted average recall: mean per-class recall over the classes present in ``y_true``."""
+    cm = confusion(y_true, y_pred, n_classes)
+    support = cm.sum(1)
+    present = support > 0
+    return float(np.mean(np.diag(cm)[present] / support[present]))
+
+
+def wa(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Weighted accuracy, i.e. plain accuracy."""
+    return float(np.mean(np.asarray(y_true) == np.asarray(y_pred)))

@@ -1,0 +1,22 @@
+"""Shared tiny fixtures: an embedded corpus and its feature cache, built once per session."""
+from __future__ import annotations
+
+import pytest
+
+from sersynth.data import features, prepare, synth_corpus
+
+TINY_CORPUS = synth_corpus.CorpusConfig(n_speakers=6, utterances=3, emotions=("anger", "sadness", "happiness"),
+                                        min_syllables=2, max_syllables=3)
+TINY_FEATURES = features.FeatureConfig(n_fft=512, hop_length=256, n_mels=16, clip_seconds=0.5)
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory):
+    return synth_corpus.generate(tmp_path_factory.mktemp("corpus"), TINY_CORPUS, progress=False, workers=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tiny_corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cache")
+    cfg = prepare.PrepareConfig(corpus="embedded", emotions=TINY_CORPUS.emotions, features=TINY_FEATURES, workers=1)
+    return prepare.prepare(tiny_corpus, out, cfg, progress=False), out, cfg

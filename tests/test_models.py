@@ -1,0 +1,55 @@
+"""Models: shapes, dtypes and the flat-parameter view."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from sersynth.models import ModelSpec, flat_model
+
+SHAPE = (24, 16)
+
+
+@pytest.mark.parametrize("name,kw", [("convnet", dict(width=8, depth=2)), ("cnn6", dict(width_mult=0.0625)),
+                                     ("vgg15", dict(width_mult=0.0625)), ("resnet9", dict(width_mult=0.0625))])
+def test_models_shapes_and_flat_view(name, kw):
+    fm = flat_model(ModelSpec(name=name, n_classes=5, input_shape=SHAPE, **kw))
+    flat = fm.init(jax.random.key(0))
+    assert flat.shape == (fm.n_params,) and flat.dtype == jnp.float32
+    x = jax.random.normal(jax.random.key(1), (3, *SHAPE))
+    logits = fm.apply(flat, x)
+    assert logits.shape == (3, 5) and logits.dtype == jnp.float32
+    # the flat view is the module's own parameter tree
+    tree = fm.module.init(jax.random.key(0), x[:1])["params"]
+    np.testing.assert_allclose(ravel_pytree(tree)[0], flat)
+    np.testing.assert_allclose(fm.module.apply({"params": tree}, x), logits, rtol=1e-5, atol=1e-5)
+
+
+def test_paper_models_channel_counts():
+    """Full-width paper models: CNN-6 64..512 channels, VGG-15 13 convs, ResNet-9 64 stem."""
+    cnn6 = flat_model(ModelSpec(name="cnn6", n_classes=7, input_shape=SHAPE))
+    vgg = flat_model(ModelSpec(name="vgg15", n_classes=7, input_shape=SHAPE))
+    convs = [k for k in jax.tree_util.tree_flatten_with_path(vgg.unravel(jnp.zeros(vgg.n_params)))[0]
+             if "Conv" in jax.tree_util.keystr(k[0]) and k[0][-1].key == "kernel"]
+    assert len(convs) == 13
+    # CNN-6 conv weights: 9*(1*64 + 64*128 + 128*256 + 256*512), two dense layers 512x512 and 512x7
+    expected = 9 * (64 + 64 * 128 + 128 * 256 + 256 * 512) + (64 + 128 + 256 + 512) + 512 * 512 + 512 + 512 * 7 + 7
+    expected += 2 * (64 + 128 + 256 + 512)   # instance-norm scale and bias
+    assert cnn6.n_params == expected
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+    fm = flat_model(ModelSpec(name="convnet", width=8, depth=2, n_classes=3, input_shape=SHAPE,
+                              compute_dtype="bfloat16"))
+    flat = fm.init(jax.random.key(0))
+    out = fm.apply(flat, jnp.ones((2, *SHAPE)))
+    assert flat.dtype == jnp.float32 and out.dtype == jnp.float32
+
+
+def test_bad_spec():
+    with pytest.raises(ValueError, match="unknown model"):
+        ModelSpec(name="transformer").validate()
+    with pytest.raises(ValueError, match="unknown norm"):
+        ModelSpec(norm="batch").validate()
