@@ -232,7 +232,7 @@ def make_outer_step(fm: FlatModel, cfg: DistillConfig, n_classes: int) -> Callab
             fm, cfg, state.params, state.labels, start, target, k_inner, n_classes)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
         new_state = DistillState(params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),

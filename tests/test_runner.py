@@ -1,0 +1,120 @@
+"""The experiment runner end to end, its reproducibility and its refusals."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sersynth import pipeline
+from sersynth.io import load_npz
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_FLAGS = [
+    "--corpus=embedded", "--embedded_speakers=6", "--embedded_utterances=3", "--emotions=anger,sadness,happiness",
+    "--n_fft=512", "--hop_length=256", "--n_mels=16", "--clip_seconds=0.5", "--workers=1",
+    "--model=convnet", "--width=4", "--depth=1", "--n_experts=2", "--expert_train_epochs=4", "--expert_lr=0.05",
+    "--expert_batch_size=16", "--ipc=2", "--syn_steps=3", "--expert_epochs=1", "--max_start_epoch=2",
+    "--iterations=6", "--eval_every=3", "--checkpoint_every=3", "--log_every=2", "--lr_img=10", "--lr_init=0.01",
+    "--eval_seeds=2", "--eval_epochs=5", "--render_per_class=1", "--noprogress",
+]
+
+
+def run_cli(*args, check=True):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "experiments.run", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"runner failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("run")
+    proc = run_cli(f"--workdir={workdir}", *TINY_FLAGS)
+    return workdir, proc
+
+
+def test_end_to_end_run_writes_every_artifact(finished_run):
+    workdir, proc = finished_run
+    report = json.loads((workdir / "report.json").read_text())
+    assert set(report["results"]) == {"full_data", "distilled_fixed_init", "distilled_random_init",
+                                      "random_subset_fixed_init"}
+    for r in report["results"].values():
+        assert 0.0 <= r["test_uar_mean"] <= 1.0 and 0.0 <= r["val_wa_mean"] <= 1.0
+    s = report["summary"]
+    assert s["ipc"] == 2 and s["fraction_of_train"] == pytest.approx(6 / report["results"]["full_data"]["n_train"])
+    assert 0 < s["storage_ratio_features"] < 1 and 0 < s["storage_ratio_audio"] < 1
+    assert s["learned_lr"] > 0
+    for rel in report["artifacts"]["plots"] + report["artifacts"]["audio"]:
+        assert (workdir / rel).stat().st_size > 0
+    assert len(report["artifacts"]["audio"]) == 3
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert [r["iteration"] for r in rows if "val_uar" in r] == [0, 3, 6]
+    distilled = load_npz(workdir / "distill" / "distilled.npz")
+    assert distilled["x"].shape == (6, 32, 16) and np.all(np.isfinite(distilled["x"]))
+    assert "distilled (fixed init) / full-data test UAR" in proc.stdout
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["distill"]["ipc"] == 2 and config["model"]["width"] == 4
+
+
+def test_same_flags_same_result(finished_run, tmp_path):
+    workdir, _ = finished_run
+    run_cli(f"--workdir={tmp_path}", f"--cache_dir={workdir / 'cache'}", "--stage=experts,distill", *TINY_FLAGS)
+    a = load_npz(workdir / "distill" / "distilled.npz")
+    b = load_npz(tmp_path / "distill" / "distilled.npz")
+    np.testing.assert_array_equal(a["x"], b["x"])
+    np.testing.assert_array_equal(a["lr"], b["lr"])
+
+
+def test_finished_or_different_runs_are_not_overwritten(finished_run):
+    workdir, _ = finished_run
+    before = (workdir / "report.json").read_bytes()
+    proc = run_cli(f"--workdir={workdir}", *TINY_FLAGS, check=False)
+    assert proc.returncode == 2 and "holds a finished run" in proc.stderr
+    proc = run_cli(f"--workdir={workdir}", *TINY_FLAGS, "--ipc=3", check=False)
+    assert proc.returncode == 2 and "other settings (differ: distill)" in proc.stderr
+    assert (workdir / "report.json").read_bytes() == before
+
+
+def test_experts_from_another_cache_are_refused(finished_run, tmp_path):
+    workdir, _ = finished_run
+    cfg_json = json.loads((workdir / "config.json").read_text())
+    fs = pipeline.cache_lib.load(workdir / "cache")
+    ex = pipeline.experts_lib.load(workdir / "experts")
+    other = dataclasses.replace(fs, manifest={**fs.manifest, "hash": "0123456789abcdef"})
+    cfg = pipeline.RunConfig(workdir=str(tmp_path), model=cfg_json["model"],
+                             distill=pipeline.distill_lib.DistillConfig(**cfg_json["distill"]))
+    with pytest.raises(pipeline.RunError, match="experts were trained on feature cache"):
+        pipeline.stage_distill(cfg, other, ex)
+
+
+@pytest.mark.parametrize("flag,message", [
+    ("--ipc=0", "error: --ipc must be >= 1"),
+    ("--syn_steps=0", "error: --syn_steps must be >= 1"),
+    ("--max_start_epoch=40", "error: --max_start_epoch=40 + --expert_epochs=1 needs 40 trained epochs"),
+    ("--stage=distil", "error: --stage: unknown stage(s) ['distil']"),
+    ("--split=0.5,0.5", "error: --split needs three fractions"),
+])
+def test_bad_flags_fail_fast_with_one_line(tmp_path, flag, message):
+    proc = run_cli(f"--workdir={tmp_path / 'w'}", *TINY_FLAGS, flag, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith(message)
+    assert not (tmp_path / "w").exists()
+
+
+def test_unknown_flag_and_missing_corpus(tmp_path):
+    proc = run_cli(f"--workdir={tmp_path / 'w'}", "--ipcc=3", check=False)
+    assert proc.returncode != 0 and "ipcc" in proc.stderr
+    proc = run_cli(f"--workdir={tmp_path / 'w'}", *TINY_FLAGS, "--corpus=demos",
+                   f"--corpus_dir={tmp_path / 'missing'}", check=False)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr.strip().splitlines()[-1]
+    proc = run_cli(f"--workdir={tmp_path / 'w2'}", *TINY_FLAGS, "--stage=distill", check=False)
+    assert proc.returncode == 2 and "no feature cache" in proc.stderr.strip().splitlines()[-1]
