@@ -29,9 +29,30 @@ MODELS = ("convnet", "cnn6", "vgg15", "resnet9")
 NORMS = ("instance", "layer", "none")
 
 
+class InstanceNorm(nn.Module):
+    """Per-sample, per-channel normalisation over time and frequency, with a learned scale and bias.
+
+    Same function as ``nn.GroupNorm(group_size=1)``, written out: its second-order derivatives (the
+    meta-gradient differentiates through the inner gradient) compile to less work on XLA CPU
+    (benchmarks/RESULTS.md)."""
+    dtype: jnp.dtype = jnp.float32
+    epsilon: float = 1e-6
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=(1, 2), keepdims=True)
+        centred = x32 - mean
+        var = jnp.mean(jnp.square(centred), axis=(1, 2), keepdims=True)
+        return (centred * jax.lax.rsqrt(var + self.epsilon) * scale + bias).astype(self.dtype)
+
+
 def _norm(kind: str, dtype) -> Callable[[jax.Array], jax.Array]:
     if kind == "instance":
-        return nn.GroupNorm(num_groups=None, group_size=1, dtype=dtype)
+        return InstanceNorm(dtype)
     if kind == "layer":
         return nn.LayerNorm(dtype=dtype)
     return lambda x: x

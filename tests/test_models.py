@@ -53,3 +53,20 @@ def test_bad_spec():
         ModelSpec(name="transformer").validate()
     with pytest.raises(ValueError, match="unknown norm"):
         ModelSpec(norm="batch").validate()
+
+
+def test_instance_norm_matches_flax_groupnorm_per_channel():
+    import flax.linen as nn
+
+    from sersynth.models import InstanceNorm
+
+    x = jax.random.normal(jax.random.key(0), (2, 6, 5, 4)) * 3 + 1
+    ours = InstanceNorm()
+    ref = nn.GroupNorm(num_groups=None, group_size=1)
+    p = ours.init(jax.random.key(1), x)
+    np.testing.assert_allclose(ours.apply(p, x), ref.apply(ref.init(jax.random.key(1), x), x), atol=1e-4)
+    # learned scale and bias act per channel
+    p2 = {"params": {"scale": jnp.arange(1.0, 5.0), "bias": jnp.ones(4)}}
+    out = ours.apply(p2, x)
+    np.testing.assert_allclose(out.mean(axis=(1, 2)), np.ones((2, 4)), atol=1e-5)
+    np.testing.assert_allclose(out.std(axis=(1, 2)), np.tile(np.arange(1.0, 5.0), (2, 1)), rtol=1e-3)

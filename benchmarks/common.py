@@ -1,0 +1,68 @@
+"""Shared helpers for benchmarks: environment header, timing, JSON output."""
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import jax
+
+
+def environment() -> dict:
+    import flax
+    import numpy
+    import optax
+
+    dev = jax.devices()[0]
+    return {"backend": jax.default_backend(), "device": getattr(dev, "device_kind", str(dev)),
+            "n_devices": jax.device_count(), "jax": jax.__version__, "flax": flax.__version__,
+            "optax": optax.__version__, "numpy": numpy.__version__, "python": platform.python_version(),
+            "machine": platform.machine(), "date": time.strftime("%Y-%m-%d")}
+
+
+def print_header(name: str) -> dict:
+    env = environment()
+    print(f"# {name}: " + ", ".join(f"{k}={v}" for k, v in env.items()))
+    return env
+
+
+def time_call(fn, *args, repeats: int = 5, warmup: int = 1) -> tuple[float, float]:
+    """(first call incl. compile seconds, median steady-state seconds) of ``fn(*args)``."""
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    first = time.perf_counter() - t0
+    for _ in range(warmup - 1):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return first, statistics.median(times)
+
+
+def device_peak_bytes() -> int | None:
+    stats = jax.devices()[0].memory_stats() if hasattr(jax.devices()[0], "memory_stats") else None
+    return (stats or {}).get("peak_bytes_in_use")
+
+
+def write_json(path: str | None, payload: dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(payload, indent=2, default=str) + "\n")
+        print(f"wrote {path}")
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+    widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns]
+    out = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
+    out += ["  ".join(_fmt(r.get(c)).rjust(w) for c, w in zip(columns, widths)) for r in rows]
+    return "\n".join(out)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "-" if v is None else str(v)

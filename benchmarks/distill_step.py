@@ -1,0 +1,91 @@
+"""Outer-step time, throughput, memory and FLOP/s of the MTT step.
+
+    python -m benchmarks.distill_step                       # tiny CPU shapes
+    python -m benchmarks.distill_step --model=cnn6 --ipc=10 --frames=373 --n_mels=64 --syn_steps=20 --batch_syn=70
+
+Synthetic inputs and random trajectories: the step's cost does not depend on their values.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from benchmarks.common import device_peak_bytes, print_header, time_call, write_json
+from sersynth import distill
+from sersynth.models import ModelSpec, flat_model
+
+flags.DEFINE_string("model", "convnet", "model family")
+flags.DEFINE_integer("width", 16, "convnet width")
+flags.DEFINE_integer("depth", 3, "convnet depth")
+flags.DEFINE_float("width_mult", 0.125, "cnn6/vgg15/resnet9 width multiplier")
+flags.DEFINE_integer("classes", 7, "classes")
+flags.DEFINE_integer("ipc", 5, "synthetic samples per class")
+flags.DEFINE_integer("frames", 47, "frames")
+flags.DEFINE_integer("n_mels", 32, "Mel bins")
+flags.DEFINE_list("syn_steps", ["10"], "inner steps (several: one row each)")
+flags.DEFINE_integer("batch_syn", 0, "inner minibatch (0: all)")
+flags.DEFINE_list("remat", ["nested"], "remat policies to compare")
+flags.DEFINE_list("unroll", ["0"], "scan unroll factors to compare (0: backend default)")
+flags.DEFINE_string("compute_dtype", "float32", "activation dtype")
+flags.DEFINE_integer("repeats", 5, "timed repeats (median)")
+flags.DEFINE_float("peak_tflops", 0.0, "device peak TFLOP/s for the utilisation column (0: omit)")
+flags.DEFINE_string("json", "", "write results here")
+F = flags.FLAGS
+
+
+def measure(fm, cfg: distill.DistillConfig, n_classes: int, repeats: int) -> dict:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n_classes * cfg.ipc, *fm.spec.input_shape)).astype(np.float32)
+    y = np.repeat(np.arange(n_classes), cfg.ipc)
+    state = distill.init_state(cfg, x, y, n_classes, jax.random.key(0))
+    traj = jnp.asarray(rng.normal(scale=0.05, size=(2, cfg.max_start_epoch + cfg.expert_epochs, fm.n_params)),
+                       jnp.float32)
+    step = jax.jit(distill.make_outer_step(fm, cfg, n_classes))
+    lowered = step.lower(state, traj, jax.random.key(1))
+    compiled = lowered.compile()
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    flops = float((cost or {}).get("flops", 0.0))
+    run = lambda s: compiled(s, traj, jax.random.key(1))[0]
+    first, median = time_call(run, state, repeats=repeats)
+    row = {"syn_steps": cfg.syn_steps, "remat": cfg.remat, "unroll": distill.default_unroll(cfg, cfg.syn_steps),
+           "n_params": fm.n_params, "first_s": first, "step_s": median,
+           "syn_samples_per_s": cfg.syn_steps * (cfg.batch_syn or n_classes * cfg.ipc) / median,
+           "temp_MB": mem.temp_size_in_bytes / 2**20, "args_MB": mem.argument_size_in_bytes / 2**20,
+           "GFLOP": flops / 1e9, "GFLOP_per_s": flops / 1e9 / median, "peak_device_MB": None}
+    peak = device_peak_bytes()
+    if peak:
+        row["peak_device_MB"] = peak / 2**20
+    if F.peak_tflops:
+        row["util_%"] = 100 * flops / median / (F.peak_tflops * 1e12)
+    return row
+
+
+def main(argv):
+    del argv
+    env = print_header("distill_step")
+    spec = ModelSpec(name=F.model, n_classes=F.classes, input_shape=(F.frames, F.n_mels), width=F.width,
+                     depth=F.depth, width_mult=F.width_mult, compute_dtype=F.compute_dtype)
+    fm = flat_model(spec)
+    rows = []
+    from benchmarks.common import table
+
+    for steps in map(int, F.syn_steps):
+        for remat in F.remat:
+            for unroll in map(int, F.unroll):
+                cfg = distill.DistillConfig(ipc=F.ipc, syn_steps=steps, expert_epochs=2, max_start_epoch=2,
+                                            batch_syn=F.batch_syn, remat=remat, unroll=unroll)
+                rows.append(measure(fm, cfg, F.classes, F.repeats))
+                print(table(rows[-1:], list(rows[-1])), flush=True)
+    print(f"model {F.model} ({fm.n_params} params), input [{F.frames}, {F.n_mels}], {F.classes} classes x ipc "
+          f"{F.ipc}, batch_syn {F.batch_syn or 'all'}, {F.compute_dtype}; GFLOP from XLA's cost analysis, "
+          "which counts a rolled loop body once (compare GFLOP only between unrolled rows)")
+    print(table(rows, list(rows[0])))
+    write_json(F.json, {"env": env, "spec": spec.to_json(), "rows": rows})
+
+
+if __name__ == "__main__":
+    app.run(main)
