@@ -66,3 +66,23 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return "-" if v is None else str(v)
+
+
+def define_model_flags(flags_module, frames: int = 47, n_mels: int = 32) -> None:
+    """Model and input-shape flags shared by the benchmarks (defaults: the quick-start model)."""
+    F = flags_module
+    F.DEFINE_string("model", "convnet", "model family")
+    F.DEFINE_integer("width", 16, "convnet width")
+    F.DEFINE_integer("depth", 3, "convnet depth")
+    F.DEFINE_float("width_mult", 0.125, "cnn6/vgg15/resnet9 width multiplier")
+    F.DEFINE_integer("classes", 7, "classes")
+    F.DEFINE_integer("frames", frames, "frames")
+    F.DEFINE_integer("n_mels", n_mels, "Mel bins")
+    F.DEFINE_string("compute_dtype", "float32", "activation dtype")
+
+
+def spec_from_flags(F):
+    from sersynth.models import ModelSpec
+
+    return ModelSpec(name=F.model, n_classes=F.classes, input_shape=(F.frames, F.n_mels), width=F.width,
+                     depth=F.depth, width_mult=F.width_mult, compute_dtype=F.compute_dtype)

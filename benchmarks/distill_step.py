@@ -12,23 +12,17 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from benchmarks.common import device_peak_bytes, print_header, time_call, write_json
+from benchmarks.common import (define_model_flags, device_peak_bytes, print_header, spec_from_flags, table, time_call,
+                               write_json)
 from sersynth import distill
-from sersynth.models import ModelSpec, flat_model
+from sersynth.models import flat_model
 
-flags.DEFINE_string("model", "convnet", "model family")
-flags.DEFINE_integer("width", 16, "convnet width")
-flags.DEFINE_integer("depth", 3, "convnet depth")
-flags.DEFINE_float("width_mult", 0.125, "cnn6/vgg15/resnet9 width multiplier")
-flags.DEFINE_integer("classes", 7, "classes")
+define_model_flags(flags)
 flags.DEFINE_integer("ipc", 5, "synthetic samples per class")
-flags.DEFINE_integer("frames", 47, "frames")
-flags.DEFINE_integer("n_mels", 32, "Mel bins")
 flags.DEFINE_list("syn_steps", ["10"], "inner steps (several: one row each)")
 flags.DEFINE_integer("batch_syn", 0, "inner minibatch (0: all)")
 flags.DEFINE_list("remat", ["nested"], "remat policies to compare")
 flags.DEFINE_list("unroll", ["0"], "scan unroll factors to compare (0: backend default)")
-flags.DEFINE_string("compute_dtype", "float32", "activation dtype")
 flags.DEFINE_integer("repeats", 5, "timed repeats (median)")
 flags.DEFINE_float("peak_tflops", 0.0, "device peak TFLOP/s for the utilisation column (0: omit)")
 flags.DEFINE_string("json", "", "write results here")
@@ -67,12 +61,9 @@ def measure(fm, cfg: distill.DistillConfig, n_classes: int, repeats: int) -> dic
 def main(argv):
     del argv
     env = print_header("distill_step")
-    spec = ModelSpec(name=F.model, n_classes=F.classes, input_shape=(F.frames, F.n_mels), width=F.width,
-                     depth=F.depth, width_mult=F.width_mult, compute_dtype=F.compute_dtype)
+    spec = spec_from_flags(F)
     fm = flat_model(spec)
     rows = []
-    from benchmarks.common import table
-
     for steps in map(int, F.syn_steps):
         for remat in F.remat:
             for unroll in map(int, F.unroll):

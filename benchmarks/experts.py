@@ -15,18 +15,12 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from benchmarks.common import print_header, table, write_json
+from benchmarks.common import define_model_flags, print_header, spec_from_flags, table, write_json
 from sersynth import train
-from sersynth.models import ModelSpec, flat_model
+from sersynth.models import flat_model
 
-flags.DEFINE_string("model", "convnet", "model family")
-flags.DEFINE_integer("width", 16, "convnet width")
-flags.DEFINE_integer("depth", 3, "convnet depth")
-flags.DEFINE_float("width_mult", 0.125, "cnn6/vgg15/resnet9 width multiplier")
-flags.DEFINE_integer("classes", 7, "classes")
+define_model_flags(flags)
 flags.DEFINE_integer("n", 840, "training samples")
-flags.DEFINE_integer("frames", 47, "frames")
-flags.DEFINE_integer("n_mels", 32, "Mel bins")
 flags.DEFINE_integer("n_models", 4, "experts / seeds trained together")
 flags.DEFINE_integer("epochs", 2, "timed epochs (after one warm-up epoch)")
 flags.DEFINE_integer("batch_size", 64, "minibatch")
@@ -38,8 +32,7 @@ F = flags.FLAGS
 def main(argv):
     del argv
     env = print_header("experts")
-    fm = flat_model(ModelSpec(name=F.model, n_classes=F.classes, input_shape=(F.frames, F.n_mels), width=F.width,
-                              depth=F.depth, width_mult=F.width_mult))
+    fm = flat_model(spec_from_flags(F))
     rng = np.random.default_rng(0)
     x = rng.normal(size=(F.n, F.frames, F.n_mels)).astype(np.float32)
     t = train.one_hot(rng.integers(0, F.classes, F.n), F.classes)

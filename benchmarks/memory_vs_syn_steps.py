@@ -11,9 +11,9 @@ from __future__ import annotations
 from absl import app, flags
 
 from benchmarks import distill_step
-from benchmarks.common import print_header, table, write_json
+from benchmarks.common import print_header, spec_from_flags, table, write_json
 from sersynth import distill
-from sersynth.models import ModelSpec, flat_model
+from sersynth.models import flat_model
 
 F = flags.FLAGS
 
@@ -21,8 +21,7 @@ F = flags.FLAGS
 def main(argv):
     del argv
     env = print_header("memory_vs_syn_steps")
-    spec = ModelSpec(name=F.model, n_classes=F.classes, input_shape=(F.frames, F.n_mels), width=F.width,
-                     depth=F.depth, width_mult=F.width_mult, compute_dtype=F.compute_dtype)
+    spec = spec_from_flags(F)
     fm = flat_model(spec)
     steps = [int(s) for s in F.syn_steps]
     rows = []

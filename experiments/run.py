@@ -78,6 +78,8 @@ flags.DEFINE_integer("log_every", 10, "write metrics every N iterations (the onl
 flags.DEFINE_integer("eval_seeds", 5, "random initialisations / random subsets per evaluated setting")
 flags.DEFINE_integer("eval_epochs", 300, "epochs when training on the distilled set or a random subset")
 flags.DEFINE_list("eval_lr_grid", ["0.3", "1", "3"], "random-subset baseline: expert lr multipliers tried on val")
+flags.DEFINE_enum("eval_optimizer", "learned_sgd", ["learned_sgd", "expert"],
+                  "training on distilled/subset data: SGD with the learned lr (MTT) or the experts' optimiser (paper)")
 flags.DEFINE_integer("render_per_class", 2, "Griffin-Lim WAV renders per class")
 
 
@@ -112,7 +114,8 @@ def config_from_flags() -> pipeline.RunConfig:
             lr_init=F.lr_init, lr_lr=F.lr_lr, learn_labels=F.learn_labels, lr_labels=F.lr_labels, init=F.syn_init,
             augment=F.syn_augment, remat=F.remat, segment=F.remat_segment, unroll=F.scan_unroll),
         eval_every=F.eval_every, checkpoint_every=F.checkpoint_every, log_every=F.log_every,
-        eval_seeds=F.eval_seeds, eval_epochs=F.eval_epochs, eval_lr_grid=lr_grid, render_per_class=F.render_per_class)
+        eval_seeds=F.eval_seeds, eval_epochs=F.eval_epochs, eval_lr_grid=lr_grid, eval_optimizer=F.eval_optimizer,
+        render_per_class=F.render_per_class)
 
 
 def main(argv):

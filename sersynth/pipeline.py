@@ -65,6 +65,7 @@ class RunConfig:
     eval_seeds: int = 5
     eval_epochs: int = 300                # epochs on distilled / subset data
     eval_lr_grid: tuple[float, ...] = (0.3, 1.0, 3.0)   # subset baseline lr = expert lr x each, chosen on val
+    eval_optimizer: str = "learned_sgd"   # learned_sgd (MTT) | expert (the experts' optimiser, the paper)
     render_per_class: int = 2
 
     @property
@@ -96,6 +97,8 @@ class RunConfig:
             raise RunError(f"--trajectory_dtype must be one of {experts_lib.STORAGE_DTYPES}")
         if self.parallel not in ("", *train.PARALLEL) or self.epoch_mode not in ("", "scan", "host"):
             raise RunError("--parallel must be vmap, loop or auto; --epoch_mode scan, host or auto")
+        if self.eval_optimizer not in ("learned_sgd", "expert"):
+            raise RunError(f"--eval_optimizer must be learned_sgd or expert, got {self.eval_optimizer!r}")
         if not self.eval_lr_grid or min(self.eval_lr_grid) <= 0:
             raise RunError("--eval_lr_grid needs positive multipliers")
         if "prepare" not in self.stages and not (self.paths["cache"] / "manifest.json").is_file():
@@ -167,14 +170,18 @@ def stage_experts(cfg: RunConfig, fs: cache_lib.FeatureSet) -> experts_lib.Exper
 
 
 def _eval_config(cfg: RunConfig, n_train: int) -> train.TrainConfig:
-    """Training on a small set: the experts' optimiser family, ``eval_epochs``, whole-set batches
-    when it fits, and the augmentation used during distillation."""
-    return dataclasses.replace(cfg.expert_train, optimizer="sgd", momentum=0.0, epochs=cfg.eval_epochs,
-                               batch_size=cfg.distill.batch_syn or n_train, lr_decay_every=0,
-                               augment=cfg.distill.augment)
+    """Training on a small set for ``eval_epochs``, whole-set batches when they fit, with the
+    distillation's augmentation; plain SGD (``learned_sgd``, MTT's protocol) or the experts' own
+    optimiser and schedule (``expert``, the paper's)."""
+    small = dict(epochs=cfg.eval_epochs, batch_size=cfg.distill.batch_syn or n_train, augment=cfg.distill.augment)
+    if cfg.eval_optimizer == "expert":
+        return dataclasses.replace(cfg.expert_train, **small)
+    return dataclasses.replace(cfg.expert_train, optimizer="sgd", momentum=0.0, lr_decay_every=0, **small)
 
 
 def _train_distilled(cfg, fm, x, targets, lr, inits, key, eval_sets, n_classes, name):
+    """``lr`` is the learned rate for the distilled set (ignored with ``eval_optimizer=expert``)."""
+    lr = lr if cfg.eval_optimizer == "learned_sgd" or name == "random_subset" else None
     return eval_lib.train_and_score(name, fm, _eval_config(cfg, x.shape[0]), x, targets, inits, key, eval_sets,
                                     n_classes, lr=lr, parallel=cfg.parallel or None,
                                     epoch_mode=cfg.epoch_mode or None)

@@ -118,3 +118,36 @@ def test_unknown_flag_and_missing_corpus(tmp_path):
     assert proc.returncode == 2 and "does not exist" in proc.stderr.strip().splitlines()[-1]
     proc = run_cli(f"--workdir={tmp_path / 'w2'}", *TINY_FLAGS, "--stage=distill", check=False)
     assert proc.returncode == 2 and "no feature cache" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_every_flag_file_parses_and_validates():
+    code = """
+import glob, sys
+from absl import flags
+import experiments.run as run
+for path in sorted(glob.glob('experiments/flags/*.flags')):
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(['run', '--flagfile=' + path])
+    cfg = run.config_from_flags()
+    cfg.validate()
+    print(path, cfg.corpus, cfg.model['name'], cfg.distill.ipc)
+"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == len(list((ROOT / "experiments" / "flags").glob("*.flags"))) >= 8
+    assert "experiments/flags/paper_demos.flags embedded cnn6 150" in lines
+
+
+def test_eval_optimizer_choices():
+    expert = pipeline.train.TrainConfig(optimizer="adam", lr=1e-3, momentum=0.0, lr_decay=0.7, lr_decay_every=5,
+                                        epochs=50, batch_size=32)
+    base = dict(workdir="w", expert_train=expert, eval_epochs=30,
+                distill=pipeline.distill_lib.DistillConfig(batch_syn=0, augment=True))
+    paper = pipeline._eval_config(pipeline.RunConfig(eval_optimizer="expert", **base), 70)
+    assert (paper.optimizer, paper.lr, paper.lr_decay_every, paper.epochs, paper.batch_size) == ("adam", 1e-3, 5, 30, 70)
+    mtt = pipeline._eval_config(pipeline.RunConfig(**base), 70)
+    assert (mtt.optimizer, mtt.momentum, mtt.lr_decay_every, mtt.augment) == ("sgd", 0.0, 0, True)
+    with pytest.raises(pipeline.RunError, match="--eval_optimizer must be"):
+        pipeline.RunConfig(eval_optimizer="lbfgs", **base).validate()

@@ -60,9 +60,209 @@ def _scan_demos(root: Path) -> tuple[list[Item], list[dict]]:
     return items, skipped
 
 
+def _wavs(root: Path, under: str = "") -> list[Path]:
+    base = root / under if under else root
+    return sorted(p for p in base.rglob("*") if p.is_file() and p.suffix.lower() in (".wav", ".flac"))
+
+
+def _scan_names(root: Path, files: list[Path], corpus: str, parse: Callable[[Path], dict | None],
+                codes: dict[str, str], hint: str) -> tuple[list[Item], list[dict]]:
+    """Parses each file name with ``parse`` -> {code, speaker[, gender]} (None: not this scheme)."""
+    if not files:
+        raise CorpusError(f"{root} holds no audio files; is it a {corpus} corpus? ({hint})")
+    items, skipped = [], []
+    for p in files:
+        rel = p.relative_to(root).as_posix()
+        fields = parse(p)
+        if fields is None:
+            skipped.append({"path": rel, "reason": f"name does not match the {corpus} scheme {hint}"})
+            continue
+        code = fields["code"]
+        if code not in codes:
+            raise CorpusError(f"{rel}: unknown {corpus} emotion code {code!r} (known: {sorted(codes)})")
+        items.append(Item(rel, codes[code], fields["speaker"], fields.get("gender", "")))
+    if not items:
+        raise CorpusError(f"{root}: no file follows the {corpus} naming scheme {hint}")
+    return items, skipped
+
+
+# RAVDESS (Livingstone & Russo 2018): Actor_NN/MM-VV-EE-II-SS-RR-AA.wav; modality 03 = audio-only,
+# vocal channel 01 = speech (02 = song, skipped), emotion 01..08, actor AA (odd = male).
+_RAVDESS = re.compile(r"^(\d\d)-(\d\d)-(\d\d)-(\d\d)-(\d\d)-(\d\d)-(\d\d)$")
+_RAVDESS_CODES = {"01": "neutral", "02": "calm", "03": "happiness", "04": "sadness", "05": "anger", "06": "fear",
+                  "07": "disgust", "08": "surprise"}
+
+
+def _parse_ravdess(p: Path) -> dict | None:
+    m = _RAVDESS.match(p.stem)
+    if not m or m[2] != "01":
+        return None
+    actor = int(m[7])
+    return {"code": m[3], "speaker": f"actor{actor:02d}", "gender": "m" if actor % 2 else "f"}
+
+
+# CREMA-D (Cao et al. 2014): AudioWAV/AAAA_SSS_EMO_LL.wav, 91 actors, 12 sentences, emotions
+# ANG DIS FEA HAP NEU SAD, level LO/MD/HI/XX; gender only in VideoDemographics.csv (ActorID, Sex).
+_CREMAD = re.compile(r"^(\d{4})_([A-Z]{3})_([A-Z]{3})_([A-Z]{2})$")
+_CREMAD_CODES = {"ANG": "anger", "DIS": "disgust", "FEA": "fear", "HAP": "happiness", "NEU": "neutral",
+                 "SAD": "sadness"}
+
+
+def _scan_cremad(root: Path) -> tuple[list[Item], list[dict]]:
+    genders = {}
+    demo = root / "VideoDemographics.csv"
+    if demo.is_file():
+        import csv
+
+        with open(demo, newline="") as f:
+            for row in csv.DictReader(f):
+                genders[row.get("ActorID", "").strip()] = row.get("Sex", "").strip()[:1].lower()
+
+    def parse(p: Path):
+        m = _CREMAD.match(p.stem)
+        return {"code": m[3], "speaker": m[1], "gender": genders.get(m[1], "")} if m else None
+
+    base = root / "AudioWAV" if (root / "AudioWAV").is_dir() else root
+    return _scan_names(root, _wavs(base), "CREMA-D", parse, _CREMAD_CODES, "AudioWAV/AAAA_SSS_EMO_LL.wav")
+
+
+# EmoDB (Burkhardt et al. 2005): wav/SSTTTEV.wav: speaker SS, text TTT, emotion letter E (German
+# initials: W Wut anger, L Langeweile boredom, E Ekel disgust, A Angst fear, F Freude happiness,
+# T Trauer sadness, N neutral), version V. Speakers 03, 08, 09, 10, 11, 12, 13, 14, 15, 16; male: 03 10 11 12 15.
+_EMODB = re.compile(r"^(\d\d)([a-z]\d\d)([A-Z])([a-z])$")
+_EMODB_CODES = {"W": "anger", "L": "boredom", "E": "disgust", "A": "fear", "F": "happiness", "T": "sadness",
+                "N": "neutral"}
+
+
+def _parse_emodb(p: Path) -> dict | None:
+    m = _EMODB.match(p.stem)
+    return {"code": m[3], "speaker": f"spk{m[1]}", "gender": "m" if m[1] in ("03", "10", "11", "12", "15") else "f"} \
+        if m else None
+
+
+# TESS (Dupuis & Pichora-Fuller 2010): {OAF,YAF}_<emotion>/ folders (case varies),
+# files <OAF|YAF>_<word>_<emotion>.wav; 'ps' = pleasant surprise. Two (female) speakers only.
+_TESS_CODES = {"angry": "anger", "disgust": "disgust", "fear": "fear", "happy": "happiness", "neutral": "neutral",
+               "ps": "surprise", "pleasant_surprise": "surprise", "pleasant_surprised": "surprise", "sad": "sadness"}
+
+
+def _parse_tess(p: Path) -> dict | None:
+    parts = p.stem.split("_")
+    if len(parts) < 3 or parts[0].upper() not in ("OAF", "YAF"):
+        return None
+    return {"code": "_".join(parts[2:]).lower(), "speaker": parts[0].upper(), "gender": "f"}
+
+
+# SAVEE (Haq & Jackson 2009): AudioData/{DC,JE,JK,KL}/<code><NN>.wav, codes a d f h n sa su; the same
+# file names repeat across speakers (the speaker is the folder); flat DC_a01.wav copies are also seen.
+_SAVEE = re.compile(r"^(?:(DC|JE|JK|KL)_)?(sa|su|a|d|f|h|n)(\d\d)$")
+_SAVEE_CODES = {"a": "anger", "d": "disgust", "f": "fear", "h": "happiness", "n": "neutral", "sa": "sadness",
+                "su": "surprise"}
+
+
+def _parse_savee(p: Path) -> dict | None:
+    m = _SAVEE.match(p.stem)
+    if not m:
+        return None
+    speaker = m[1] or p.parent.name
+    if speaker not in ("DC", "JE", "JK", "KL"):
+        return None
+    return {"code": m[2], "speaker": speaker, "gender": "m"}
+
+
+def _scan_savee(root: Path) -> tuple[list[Item], list[dict]]:
+    base = root / "AudioData" if (root / "AudioData").is_dir() else root
+    items, skipped = _scan_names(root, _wavs(base), "SAVEE", _parse_savee, _SAVEE_CODES,
+                                 "AudioData/<DC|JE|JK|KL>/<code><NN>.wav")
+    # A flat DC_a01.wav copy of a file also present as DC/a01.wav is the same recording: keep one.
+    seen, unique = set(), []
+    for it in items:
+        key = (it.speaker, Path(it.path).stem.split("_")[-1])
+        if key in seen:
+            skipped.append({"path": it.path, "reason": "duplicate of the same SAVEE recording"})
+        else:
+            seen.add(key)
+            unique.append(it)
+    return unique, skipped
+
+
+# EMOVO (Costantini et al. 2014): {f1,f2,f3,m1,m2,m3}/<emo>-<speaker>-<sentence>.wav,
+# emotions dis gio neu pau rab sor tri.
+_EMOVO = re.compile(r"^([a-z]{3})-([fm][123])-([a-z]\d+)$")
+
+
+def _parse_emovo(p: Path) -> dict | None:
+    m = _EMOVO.match(p.stem)
+    return {"code": m[1], "speaker": m[2], "gender": m[2][0]} if m else None
+
+
+# ShEMO (Mohamad Nezami et al. 2019): {male,female}/<G><NN><E><NN>.wav, G = F/M, emotion letter
+# A anger, F fear, H happiness, N neutral, S sadness, W surprise.
+_SHEMO = re.compile(r"^([FM])(\d\d)([AFHNSW])(\d\d)$")
+_SHEMO_CODES = {"A": "anger", "F": "fear", "H": "happiness", "N": "neutral", "S": "sadness", "W": "surprise"}
+
+
+def _parse_shemo(p: Path) -> dict | None:
+    m = _SHEMO.match(p.stem)
+    return {"code": m[3], "speaker": f"{m[1]}{m[2]}", "gender": m[1].lower()} if m else None
+
+
+# Generic manifest: manifest.csv with columns path,label,speaker (paths relative to the root).
+def _scan_csv(root: Path) -> tuple[list[Item], list[dict]]:
+    import csv
+
+    path = root / "manifest.csv"
+    if not path.is_file():
+        raise CorpusError(f"{root} has no manifest.csv (columns: path,label,speaker)")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = {"path", "label", "speaker"} - set(reader.fieldnames or [])
+        if missing:
+            raise CorpusError(f"{path}: missing columns {sorted(missing)}")
+        items, skipped = [], []
+        for line, row in enumerate(reader, start=2):
+            rel = row["path"].strip()
+            if not (root / rel).is_file():
+                skipped.append({"path": rel, "reason": f"listed in manifest.csv line {line} but missing"})
+                continue
+            label = row["label"].strip().lower()
+            items.append(Item(rel, CANONICAL.get(label, label), row["speaker"].strip(), row.get("gender", "").strip()))
+    return items, skipped
+
+
+# Canonical emotion names of common spellings (used by the CSV corpus).
+CANONICAL = {"angry": "anger", "happy": "happiness", "joy": "happiness", "sad": "sadness", "fearful": "fear",
+             "surprised": "surprise", "disgusted": "disgust", "bored": "boredom"}
+
+SIX = ("anger", "disgust", "fear", "happiness", "sadness", "surprise")
+
+
+def _names(parse, under: str, corpus: str, codes: dict, hint: str):
+    return lambda root: _scan_names(root, _wavs(root, under if (root / under).is_dir() else ""), corpus, parse,
+                                    codes, hint)
+
+
 REGISTRY: dict[str, Corpus] = {
     "demos": Corpus("demos", "DEMoS Italian elicited emotional speech (68 speakers)", _scan_demos,
                     ("anger", "disgust", "fear", "guilt", "happiness", "sadness", "surprise")),
+    "ravdess": Corpus("ravdess", "RAVDESS speech, 24 actors", _names(_parse_ravdess, "", "RAVDESS", _RAVDESS_CODES,
+                      "Actor_NN/03-01-EE-II-SS-RR-AA.wav"), ("neutral", "calm", *SIX)),
+    "cremad": Corpus("cremad", "CREMA-D, 91 actors", _scan_cremad, ("anger", "disgust", "fear", "happiness",
+                     "neutral", "sadness")),
+    "emodb": Corpus("emodb", "Berlin EmoDB, 10 speakers", _names(_parse_emodb, "wav", "EmoDB", _EMODB_CODES,
+                    "wav/SSTTTEV.wav"), ("anger", "boredom", "disgust", "fear", "happiness", "sadness", "neutral")),
+    "tess": Corpus("tess", "Toronto emotional speech set, 2 speakers", _names(_parse_tess, "", "TESS", _TESS_CODES,
+                   "<OAF|YAF>_<word>_<emotion>.wav"), ("anger", "disgust", "fear", "happiness", "neutral",
+                                                       "surprise", "sadness")),
+    "savee": Corpus("savee", "SAVEE, 4 male speakers", _scan_savee, ("anger", "disgust", "fear", "happiness",
+                    "neutral", "sadness", "surprise")),
+    "emovo": Corpus("emovo", "EMOVO Italian, 6 actors", _names(_parse_emovo, "", "EMOVO", _DEMOS_EMOTION,
+                    "<f1..m3>/<emo>-<spk>-<sentence>.wav"), ("anger", "disgust", "fear", "happiness", "neutral",
+                                                             "sadness", "surprise")),
+    "shemo": Corpus("shemo", "ShEMO Persian, 87 speakers", _names(_parse_shemo, "", "ShEMO", _SHEMO_CODES,
+                    "<male|female>/<G><NN><E><NN>.wav"), ("anger", "fear", "happiness", "neutral", "sadness",
+                                                          "surprise")),
+    "csv": Corpus("csv", "any corpus listed in <root>/manifest.csv (path,label,speaker)", _scan_csv, ()),
 }
 # The embedded corpus is written in the DEMoS layout.
 REGISTRY["embedded"] = dataclasses.replace(REGISTRY["demos"], name="embedded",

@@ -70,7 +70,7 @@ def prepare(root: str | Path, out_dir: str | Path, cfg: PrepareConfig = PrepareC
         raise FileNotFoundError(f"corpus folder {root} does not exist")
     corpus = corpora.get(cfg.corpus)
     items, skipped = corpus.scan(root)
-    emotions = tuple(cfg.emotions) or corpus.default_emotions
+    emotions = tuple(cfg.emotions) or corpus.default_emotions or tuple(sorted({it.label for it in items}))
     excluded = sum(it.label not in emotions for it in items)
     items = [it for it in items if it.label in emotions]
     absent = [e for e in emotions if not any(it.label == e for it in items)]

@@ -1,0 +1,127 @@
+"""Each corpus's layout and naming scheme, from fixture trees written as the corpora ship."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from sersynth.data import corpora, features, prepare
+
+FEAT = features.FeatureConfig(n_fft=256, hop_length=128, n_mels=8, clip_seconds=0.25)
+
+
+def _wav(path, seed=0, sr=16000, seconds=0.2, channels=1, subtype="PCM_16"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(sr * seconds)) / sr
+    x = 0.3 * np.sin(2 * np.pi * rng.uniform(100, 300) * t) + 0.01 * rng.standard_normal(t.size)
+    if channels > 1:
+        x = np.stack([x] * channels, axis=1)
+    sf.write(path, x.astype(np.float32), sr, subtype=subtype)
+
+
+def _prepare(root, corpus, tmp_path, **kw):
+    cfg = prepare.PrepareConfig(corpus=corpus, features=FEAT, workers=1, **kw)
+    return prepare.prepare(root, tmp_path / f"cache_{corpus}", cfg, progress=False)
+
+
+def _labels(fs):
+    return {(f["path"], f["label"], f["speaker"]) for f in fs.manifest["files"]}
+
+
+def test_ravdess(tmp_path):
+    root = tmp_path / "RAVDESS"
+    for actor in (1, 2, 3):
+        for emo in ("01", "05", "08"):
+            _wav(root / f"Actor_{actor:02d}" / f"03-01-{emo}-01-01-01-{actor:02d}.wav", actor,
+                 sr=48000, channels=2 if actor == 2 else 1)
+    _wav(root / "Actor_01" / "03-02-05-01-01-01-01.wav")          # song: not speech
+    fs = _prepare(root, "ravdess", tmp_path, emotions=("neutral", "anger", "surprise"))
+    assert ("Actor_02/03-01-05-01-01-01-02.wav", "anger", "actor02") in _labels(fs)
+    assert fs.x.shape[0] == 9 and fs.classes == ["neutral", "anger", "surprise"]
+    assert any("RAVDESS scheme" in s["reason"] for s in fs.manifest["skipped"])
+    assert fs.manifest["features"]["sample_rate"] == 16000
+
+
+def test_cremad_with_demographics_and_empty_clip(tmp_path):
+    root = tmp_path / "CREMA-D"
+    for actor in ("1001", "1002", "1003"):
+        for emo in ("ANG", "SAD"):
+            _wav(root / "AudioWAV" / f"{actor}_IEO_{emo}_HI.wav", int(actor))
+    (root / "AudioWAV" / "1076_MTI_SAD_XX.wav").parent.mkdir(exist_ok=True)
+    sf.write(root / "AudioWAV" / "1076_MTI_SAD_XX.wav", np.zeros((0,), np.float32), 16000)
+    (root / "VideoDemographics.csv").write_text("ActorID,Age,Sex,Race,Ethnicity\n1001,51,Male,x,y\n1002,21,Female,x,y\n")
+    items, _ = corpora.get("cremad").scan(root)
+    assert {it.gender for it in items if it.speaker == "1001"} == {"m"}
+    fs = _prepare(root, "cremad", tmp_path, emotions=("anger", "sadness"))
+    assert fs.x.shape[0] == 6
+    assert {s["path"]: s["reason"] for s in fs.manifest["skipped"]}["AudioWAV/1076_MTI_SAD_XX.wav"] == "zero-length audio"
+
+
+def test_emodb_tess_savee_emovo_shemo_names():
+    cases = {
+        "emodb": ("wav/03a01Wa.wav", "anger", "spk03"),
+        "tess": ("yaf_Sad/YAF_bath_ps.wav", "surprise", "YAF"),
+        "savee": ("AudioData/JK/su07.wav", "surprise", "JK"),
+        "emovo": ("f2/gio-f2-b1.wav", "happiness", "f2"),
+        "shemo": ("female/F03H12.wav", "happiness", "F03"),
+    }
+    from pathlib import Path
+
+    parsers = {"emodb": corpora._parse_emodb, "tess": corpora._parse_tess, "savee": corpora._parse_savee,
+               "emovo": corpora._parse_emovo, "shemo": corpora._parse_shemo}
+    codes = {"emodb": corpora._EMODB_CODES, "tess": corpora._TESS_CODES, "savee": corpora._SAVEE_CODES,
+             "emovo": corpora._DEMOS_EMOTION, "shemo": corpora._SHEMO_CODES}
+    for name, (path, label, speaker) in cases.items():
+        fields = parsers[name](Path(path))
+        assert codes[name][fields["code"]] == label and fields["speaker"] == speaker, name
+
+
+def test_savee_flat_copies_are_deduplicated(tmp_path):
+    root = tmp_path / "SAVEE"
+    for spk in ("DC", "JE", "JK", "KL"):
+        for code in ("a01", "sa01"):
+            _wav(root / "AudioData" / spk / f"{code}.wav")
+    _wav(root / "AudioData" / "DC_a01.wav")
+    items, skipped = corpora.get("savee").scan(root)
+    assert len(items) == 8 and skipped == [{"path": "AudioData/DC_a01.wav",
+                                            "reason": "duplicate of the same SAVEE recording"}]
+
+
+def test_tess_two_speakers_cannot_be_split_by_speaker(tmp_path):
+    root = tmp_path / "TESS"
+    for spk, folder in (("OAF", "OAF_angry"), ("YAF", "YAF_Angry")):
+        _wav(root / folder / f"{spk}_back_angry.wav")
+        _wav(root / folder.replace("ngry", "ad").replace("Angry", "sad") / f"{spk}_back_sad.wav")
+    with pytest.raises(ValueError, match="needs >= 3 speakers, the corpus has 2"):
+        _prepare(root, "tess", tmp_path, emotions=("anger", "sadness"))
+
+
+def test_emodb_24bit_float_and_flac(tmp_path):
+    root = tmp_path / "emodb"
+    for i, spk in enumerate(("03", "08", "09")):
+        _wav(root / "wav" / f"{spk}a01Wa.wav", i, subtype="PCM_24")
+        _wav(root / "wav" / f"{spk}a01Ta.wav", i, subtype="FLOAT")
+    _wav(root / "wav" / "10a02Fb.flac", 5)
+    fs = _prepare(root, "emodb", tmp_path, emotions=("anger", "sadness", "happiness"))
+    assert fs.x.shape[0] == 7 and np.all(np.isfinite(fs.x))
+
+
+def test_csv_manifest(tmp_path):
+    root = tmp_path / "mine"
+    rows = ["path,label,speaker"]
+    for i, spk in enumerate(("a", "b", "c")):
+        for lab in ("happy", "angry"):
+            _wav(root / "clips" / f"{spk}_{lab}.wav", i)
+            rows.append(f"clips/{spk}_{lab}.wav,{lab},{spk}")
+    rows.append("clips/gone.wav,happy,a")
+    (root / "manifest.csv").write_text("\n".join(rows) + "\n")
+    fs = _prepare(root, "csv", tmp_path)
+    assert fs.classes == ["anger", "happiness"] and fs.x.shape[0] == 6
+    assert fs.manifest["skipped"][0]["path"] == "clips/gone.wav"
+
+
+def test_unknown_code_names_the_file(tmp_path):
+    _wav(tmp_path / "e" / "wav" / "03a01Xa.wav")
+    with pytest.raises(corpora.CorpusError, match=r"wav/03a01Xa.wav: unknown EmoDB emotion code 'X'"):
+        corpora.get("emodb").scan(tmp_path / "e")
