@@ -71,6 +71,10 @@ flags.DEFINE_bool("syn_augment", True, "differentiable SpecAugment in the inner 
 flags.DEFINE_enum("remat", "nested", list(distill.REMAT), "rematerialisation of the inner loop")
 flags.DEFINE_integer("remat_segment", 0, "steps per checkpointed segment (nested); 0: divisor of syn_steps nearest its sqrt")
 flags.DEFINE_integer("scan_unroll", 0, "inner scan unroll factor; 0: per backend (full on CPU, 1 on GPU/TPU)")
+flags.DEFINE_integer("mesh_devices", 0, "shard the synthetic set over this many devices (0: one device)")
+flags.DEFINE_string("coordinator_address", "", "multi-host: host:port of process 0 (enables jax.distributed)")
+flags.DEFINE_integer("num_processes", 1, "multi-host: number of processes")
+flags.DEFINE_integer("process_id", 0, "multi-host: this process's index")
 flags.DEFINE_integer("eval_every", 0, "validate the synthetic set every N iterations and keep the best (0: keep the last)")
 flags.DEFINE_integer("checkpoint_every", 50, "checkpoint the distillation every N iterations")
 flags.DEFINE_integer("log_every", 10, "write metrics every N iterations (the only host syncs of the loop)")
@@ -113,7 +117,7 @@ def config_from_flags() -> pipeline.RunConfig:
             batch_syn=F.batch_syn, iterations=F.iterations, lr_img=F.lr_img, momentum=F.outer_momentum,
             lr_init=F.lr_init, lr_lr=F.lr_lr, learn_labels=F.learn_labels, lr_labels=F.lr_labels, init=F.syn_init,
             augment=F.syn_augment, remat=F.remat, segment=F.remat_segment, unroll=F.scan_unroll),
-        eval_every=F.eval_every, checkpoint_every=F.checkpoint_every, log_every=F.log_every,
+        mesh_devices=F.mesh_devices, eval_every=F.eval_every, checkpoint_every=F.checkpoint_every, log_every=F.log_every,
         eval_seeds=F.eval_seeds, eval_epochs=F.eval_epochs, eval_lr_grid=lr_grid, eval_optimizer=F.eval_optimizer,
         render_per_class=F.render_per_class)
 
@@ -122,6 +126,11 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     try:
+        if F.coordinator_address:
+            import jax
+
+            jax.distributed.initialize(coordinator_address=F.coordinator_address, num_processes=F.num_processes,
+                                       process_id=F.process_id)
         cfg = config_from_flags()
         pipeline.run(cfg)
     except (pipeline.RunError, ValueError, FileNotFoundError, FileExistsError, distill.DistillDiverged) as e:

@@ -250,6 +250,31 @@ def jit_outer_step(fm: FlatModel, cfg: DistillConfig, n_classes: int) -> Callabl
     return jax.jit(make_outer_step(fm, cfg, n_classes), donate_argnums=donate)
 
 
+def data_mesh(n_devices: int) -> jax.sharding.Mesh | None:
+    """A 1-D ``('data',)`` mesh over the first ``n_devices`` devices (all processes' devices in a
+    multi-host run); ``None`` for ``n_devices <= 1``."""
+    if n_devices <= 1:
+        return None
+    devices = jax.devices()
+    if n_devices > len(devices):
+        raise ValueError(f"--mesh_devices={n_devices} but only {len(devices)} device(s) are visible")
+    return jax.sharding.Mesh(np.asarray(devices[:n_devices]), ("data",))
+
+
+def shard_state(state: DistillState, mesh: jax.sharding.Mesh) -> DistillState:
+    """Splits the synthetic set (and its optimiser moments and labels) along samples over ``mesh``;
+    everything else is replicated. ``jit`` then partitions the outer step (GSPMD): each device runs
+    the inner steps' forward/backward on its share of the synthetic batch."""
+    n_dev = mesh.devices.size
+    n_syn = state.params["x"].shape[0]
+    if n_syn % n_dev:
+        raise ValueError(f"the synthetic set ({n_syn} samples) must divide evenly over --mesh_devices={n_dev}")
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    place = lambda a: jax.device_put(a, rows if jnp.ndim(a) >= 1 and jnp.shape(a)[0] == n_syn else replicated)
+    return jax.tree.map(place, state)
+
+
 def save_checkpoint(path: str | Path, state: DistillState, extra: dict[str, np.ndarray] | None = None) -> None:
     leaves = jax.tree.leaves(state)
     arrays = {f"leaf_{i:04d}": np.asarray(leaf) for i, leaf in enumerate(leaves)}
@@ -274,12 +299,13 @@ def distill(fm: FlatModel, cfg: DistillConfig, trajectories: np.ndarray, x_train
             n_classes: int, seed: int, *, checkpoint_path: str | Path | None = None, checkpoint_every: int = 50,
             log_every: int = 10, on_log: Callable[[dict], None] | None = None,
             evaluate_every: int = 0, evaluate: Callable[[DistillState], float] | None = None,
-            progress: bool = True) -> tuple[DistillState, DistillState, list[dict]]:
+            progress: bool = True, mesh: jax.sharding.Mesh | None = None) -> tuple[DistillState, DistillState, list[dict]]:
     """Runs ``cfg.iterations`` outer steps (resuming from ``checkpoint_path`` when it exists).
 
     ``evaluate(state) -> score`` (validation UAR) runs every ``evaluate_every`` steps and at the end;
     the best-scoring state is kept. Returns ``(final_state, best_state, evaluations)``.
     Raises :class:`DistillDiverged` as soon as a non-finite loss is seen (at the next log point).
+    With ``mesh`` (see :func:`data_mesh`) the synthetic set is sharded over its devices.
     """
     from tqdm import tqdm
 
@@ -293,6 +319,9 @@ def distill(fm: FlatModel, cfg: DistillConfig, trajectories: np.ndarray, x_train
             if Path(checkpoint_path).with_suffix(".best.npz").is_file() else (state, None)
         evaluations = [dict(zip(("step", "score"), map(float, row))) for row in extra.get("evaluations", [])]
     trajectories = jnp.asarray(trajectories)
+    if mesh is not None:
+        state = shard_state(state, mesh)
+        trajectories = jax.device_put(trajectories, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     step_fn = jit_outer_step(fm, cfg, n_classes)
     start = int(state.step)
     pending = []

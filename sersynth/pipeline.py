@@ -58,6 +58,7 @@ class RunConfig:
     epoch_mode: str = ""                  # "" -> per backend
     # distillation
     distill: distill_lib.DistillConfig = distill_lib.DistillConfig()
+    mesh_devices: int = 0                 # shard the synthetic set over this many devices (0/1: one device)
     eval_every: int = 0                   # validation evaluation of the synthetic set every N iterations
     checkpoint_every: int = 50
     log_every: int = 10
@@ -91,6 +92,8 @@ class RunConfig:
             self.distill.validate(self.expert_train.epochs)
         except ValueError as e:
             raise RunError(str(e)) from None
+        if self.mesh_devices > jax.device_count():
+            raise RunError(f"--mesh_devices={self.mesh_devices} but only {jax.device_count()} device(s) are visible")
         if self.n_experts < 1 or self.eval_seeds < 1 or self.eval_epochs < 1:
             raise RunError("--n_experts, --eval_seeds and --eval_epochs must be >= 1")
         if self.trajectory_dtype not in experts_lib.STORAGE_DTYPES:
@@ -210,7 +213,8 @@ def stage_distill(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Expe
         fm, cfg.distill, ex.params, x, y, fs.n_classes, cfg.seed, checkpoint_path=dist_dir / "checkpoint.npz",
         checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every,
         on_log=lambda row: _log_metrics(cfg.paths["metrics"], {"stage": "distill", **row}),
-        evaluate_every=cfg.eval_every, evaluate=evaluate if cfg.eval_every else None, progress=cfg.progress)
+        evaluate_every=cfg.eval_every, evaluate=evaluate if cfg.eval_every else None, progress=cfg.progress,
+        mesh=distill_lib.data_mesh(cfg.mesh_devices))
     seconds = time.perf_counter() - t0
     chosen = best
     selected = max(evaluations, key=lambda e: e["score"])["step"] if evaluations else cfg.distill.iterations
