@@ -14,7 +14,6 @@ import statistics
 import time
 
 import jax
-import numpy as np
 from absl import app, flags
 
 from benchmarks import distill_step

@@ -23,7 +23,6 @@ are fully unrolled there (``unroll=0`` picks per backend; see benchmarks/RESULTS
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from pathlib import Path
 from typing import Callable
