@@ -1,6 +1,8 @@
 """Each corpus's layout and naming scheme, from fixture trees written as the corpora ship."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -125,3 +127,32 @@ def test_unknown_code_names_the_file(tmp_path):
     _wav(tmp_path / "e" / "wav" / "03a01Xa.wav")
     with pytest.raises(corpora.CorpusError, match=r"wav/03a01Xa.wav: unknown EmoDB emotion code 'X'"):
         corpora.get("emodb").scan(tmp_path / "e")
+
+
+def test_iemocap_labels_speakers_and_merge(tmp_path):
+    root = tmp_path / "IEMOCAP_full_release"
+    lines = {}
+    for ses in (1, 2):
+        dialog = f"Ses0{ses}F_impro01"
+        rows = ["% header line", ""]
+        for k, (gender, code) in enumerate([("F", "neu"), ("M", "exc"), ("F", "ang"), ("M", "sad"), ("F", "xxx"),
+                                            ("M", "fru")]):
+            utt = f"{dialog}_{gender}{k:03d}"
+            _wav(root / f"Session{ses}" / "sentences" / "wav" / dialog / f"{utt}.wav", ses * 10 + k)
+            rows += [f"[{k}.0000 - {k}.9000]\t{utt}\t{code}\t[2.5000, 2.5000, 2.5000]",
+                     f"C-E1:\tNeutral state;\t()", f"A-E2:\tval 3; act 2; dom  3;\t()", ""]
+        lines[ses] = rows
+        txt = root / f"Session{ses}" / "dialog" / "EmoEvaluation" / f"{dialog}.txt"
+        txt.parent.mkdir(parents=True, exist_ok=True)
+        txt.write_text("\n".join(rows))
+    _wav(root / "Session2" / "sentences" / "wav" / "Ses02F_impro01" / "Ses02F_impro01_F099.wav")  # unlabelled
+    items, skipped = corpora.get("iemocap").scan(root)
+    got = {(Path(it.path).stem, it.label, it.speaker) for it in items}
+    assert ("Ses01F_impro01_M001", "happiness", "Ses01M") in got       # exc merged into happiness
+    assert ("Ses02F_impro01_F000", "neutral", "Ses02F") in got
+    assert {s["reason"] for s in skipped} == {"annotators reached no majority (xxx)",
+                                              "no label for this utterance in dialog/EmoEvaluation"}
+    assert len({it.speaker for it in items}) == 4
+    fs = _prepare(root, "iemocap", tmp_path)
+    assert fs.classes == ["anger", "happiness", "neutral", "sadness"] and fs.x.shape[0] == 8
+    assert fs.manifest["excluded_other_emotions"] == 2                 # frustration

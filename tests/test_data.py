@@ -138,3 +138,22 @@ def test_generate_is_idempotent_and_refuses_foreign_folders(tmp_path):
         synth_corpus.generate(tmp_path / "foreign", cfg, progress=False, workers=1)
     with pytest.raises(ValueError, match=">= 3 speakers"):
         synth_corpus.CorpusConfig(n_speakers=2).validate()
+
+
+def test_incremental_prepare_decodes_only_new_files(tiny_corpus, tmp_path):
+    root = tmp_path / "corpus"
+    shutil.copytree(tiny_corpus, root)
+    extra = sorted((root / "DEMOS").glob("*.wav"))[-1]
+    extra.rename(tmp_path / "held_back.wav")
+    cfg = prepare.PrepareConfig(corpus="demos", emotions=TINY_CORPUS.emotions, features=TINY_FEATURES, workers=1)
+    first = prepare.prepare(root, tmp_path / "cache", cfg, progress=False)
+    n = first.x.shape[0]
+    assert first.manifest["extracted_files"] == n and first.manifest["reused_files"] == 0
+    (tmp_path / "held_back.wav").rename(extra)
+    second = prepare.prepare(root, tmp_path / "cache", cfg, progress=False)
+    assert second.manifest["extracted_files"] == 1 and second.manifest["reused_files"] == n
+    assert second.manifest["input_hash"] != first.manifest["input_hash"]
+    # the result equals a cache built from scratch
+    fresh = prepare.prepare(root, tmp_path / "fresh", cfg, progress=False)
+    np.testing.assert_allclose(second.x, fresh.x, atol=1e-4)
+    np.testing.assert_array_equal(second.y, fresh.y)

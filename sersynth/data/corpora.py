@@ -207,6 +207,49 @@ def _parse_shemo(p: Path) -> dict | None:
     return {"code": m[3], "speaker": f"{m[1]}{m[2]}", "gender": m[1].lower()} if m else None
 
 
+# IEMOCAP (Busso et al. 2008): Session{1..5}/sentences/wav/<dialog>/<utterance>.wav; labels in
+# Session?/dialog/EmoEvaluation/<dialog>.txt, one summary line per utterance
+#   [start - end]<TAB><utterance id><TAB><label><TAB>[V, A, D]
+# among per-rater lines (which start with 'C-' or 'A-'). The speaker is the session plus the gender
+# letter of the utterance id's last part (Ses01F_impro01_M012 -> Ses01M). Labels: neu hap exc ang sad
+# fru sur fea dis oth, xxx = no majority (skipped). 'exc' is merged into happiness, the customary
+# 4-class setting (neutral, happiness+excitement, anger, sadness: 5,531 utterances).
+_IEMOCAP_LINE = re.compile(r"^\[\s*[\d.]+\s*-\s*[\d.]+\s*\]\s+(\S+)\s+(\S+)\s+\[")
+_IEMOCAP_CODES = {"neu": "neutral", "hap": "happiness", "exc": "happiness", "ang": "anger", "sad": "sadness",
+                  "fru": "frustration", "sur": "surprise", "fea": "fear", "dis": "disgust", "oth": "other"}
+
+
+def _scan_iemocap(root: Path) -> tuple[list[Item], list[dict]]:
+    sessions = sorted(p for p in root.glob("Session[1-5]") if p.is_dir())
+    if not sessions:
+        raise CorpusError(f"{root} holds no Session1..Session5 folders; is it IEMOCAP?")
+    labels: dict[str, str] = {}
+    for session in sessions:
+        for txt in sorted((session / "dialog" / "EmoEvaluation").glob("*.txt")):
+            for line in txt.read_text(errors="replace").splitlines():
+                m = _IEMOCAP_LINE.match(line)
+                if m:
+                    labels[m[1]] = m[2]
+    items, skipped = [], []
+    for session in sessions:
+        for p in _wavs(session / "sentences" / "wav"):
+            rel = p.relative_to(root).as_posix()
+            code = labels.get(p.stem)
+            if code is None:
+                skipped.append({"path": rel, "reason": "no label for this utterance in dialog/EmoEvaluation"})
+                continue
+            if code == "xxx":
+                skipped.append({"path": rel, "reason": "annotators reached no majority (xxx)"})
+                continue
+            if code not in _IEMOCAP_CODES:
+                raise CorpusError(f"{rel}: unknown IEMOCAP label {code!r} (known: {sorted(_IEMOCAP_CODES)})")
+            gender = p.stem.split("_")[-1][:1].upper()
+            items.append(Item(rel, _IEMOCAP_CODES[code], f"{p.stem[:5]}{gender}", gender.lower()))
+    if not items:
+        raise CorpusError(f"{root}: no labelled IEMOCAP utterance found")
+    return items, skipped
+
+
 # Generic manifest: manifest.csv with columns path,label,speaker (paths relative to the root).
 def _scan_csv(root: Path) -> tuple[list[Item], list[dict]]:
     import csv
@@ -262,6 +305,8 @@ REGISTRY: dict[str, Corpus] = {
     "shemo": Corpus("shemo", "ShEMO Persian, 87 speakers", _names(_parse_shemo, "", "ShEMO", _SHEMO_CODES,
                     "<male|female>/<G><NN><E><NN>.wav"), ("anger", "fear", "happiness", "neutral", "sadness",
                                                           "surprise")),
+    "iemocap": Corpus("iemocap", "IEMOCAP, 5 sessions x 2 speakers", _scan_iemocap,
+                      ("anger", "happiness", "neutral", "sadness")),
     "csv": Corpus("csv", "any corpus listed in <root>/manifest.csv (path,label,speaker)", _scan_csv, ()),
 }
 # The embedded corpus is written in the DEMoS layout.

@@ -85,13 +85,14 @@ def prepare(root: str | Path, out_dir: str | Path, cfg: PrepareConfig = PrepareC
     }
     input_hash = fingerprint(input_record)
     npz_path, manifest_path = cache_lib.cache_files(out_dir)
+    existing = None
     if manifest_path.is_file() and npz_path.is_file():
         try:
             existing = cache_lib.load(out_dir)
             if existing.manifest.get("input_hash") == input_hash:
                 return existing
         except cache_lib.CacheError:
-            pass  # broken or foreign cache: rebuild it
+            existing = None  # broken or foreign cache: rebuild it
 
     probes = map_files(_probe, [str(root / it.path) for it in items], cfg.workers, "probe", progress)
     keep = []
@@ -101,8 +102,16 @@ def prepare(root: str | Path, out_dir: str | Path, cfg: PrepareConfig = PrepareC
         raise corpora.CorpusError(f"{root}: none of the {len(items)} files could be decoded")
     clip_seconds = cfg.features.clip_seconds or max(s for _, s in keep)
     n_samples = int(round(clip_seconds * cfg.features.sample_rate))
-    jobs = [(str(root / it.path), n_samples, cfg.features) for it, _ in keep]
-    results = map_files(_extract, jobs, cfg.workers, "log-Mel", progress)
+    # Incremental: rows of an existing cache with the same feature parameters and clip length are
+    # reused for unchanged files (same path and content digest); only new or changed files are decoded.
+    reusable = _reusable_rows(existing, cfg.features, clip_seconds)
+    digest_of = {it.path: d for it, d in zip(items, digests)}
+    todo = [i for i, (it, _) in enumerate(keep) if (it.path, digest_of[it.path]) not in reusable]
+    extracted = map_files(_extract, [(str(root / keep[i][0].path), n_samples, cfg.features) for i in todo],
+                          cfg.workers, "log-Mel", progress)
+    results = [(reusable.get((it.path, digest_of[it.path])), "") for it, _ in keep]
+    for i, result in zip(todo, extracted):
+        results[i] = result
 
     rows, feats = [], []
     for (it, seconds), (feat, reason) in zip(keep, results):
@@ -136,7 +145,9 @@ def prepare(root: str | Path, out_dir: str | Path, cfg: PrepareConfig = PrepareC
         "features": dataclasses.asdict(cfg.features), "clip_seconds": clip_seconds,
         "frames": int(x.shape[1]), "n_mels": int(x.shape[2]),
         "files": [{"path": it.path, "label": it.label, "speaker": it.speaker, "split": assignment[it.speaker],
-                   "seconds": round(s, 4), "bytes": (root / it.path).stat().st_size} for it, s in rows],
+                   "seconds": round(s, 4), "bytes": (root / it.path).stat().st_size, "digest": digest_of[it.path]}
+                  for it, s in rows],
+        "extracted_files": len(todo), "reused_files": len(keep) - len(todo),
         "skipped": skipped, "excluded_other_emotions": excluded,
         "input_hash": input_hash, "hash": cache_lib.array_hash(arrays),
     }
@@ -147,10 +158,23 @@ def prepare(root: str | Path, out_dir: str | Path, cfg: PrepareConfig = PrepareC
     return cache_lib.load(out_dir)
 
 
+def _reusable_rows(existing: cache_lib.FeatureSet | None, feat: features.FeatureConfig,
+                   clip_seconds: float) -> dict[tuple[str, str], np.ndarray]:
+    """``{(path, digest): un-normalised log-Mel [frames, n_mels]}`` from a compatible existing cache."""
+    if existing is None:
+        return {}
+    m = existing.manifest
+    if m.get("features") != dataclasses.asdict(feat) or abs(m.get("clip_seconds", -1) - clip_seconds) > 1e-9:
+        return {}
+    raw = existing.x * existing.mel_std + existing.mel_mean
+    return {(f["path"], f["digest"]): raw[i] for i, f in enumerate(m["files"]) if "digest" in f}
+
+
 def summary(fs: cache_lib.FeatureSet) -> str:
     """A table of clips per class and split, speakers per split, and skipped files."""
     m = fs.manifest
-    lines = [f"corpus {m['corpus']}: {len(m['files'])} clips, {len(m['speakers'])} speakers, "
+    lines = [f"corpus {m['corpus']}: {len(m['files'])} clips ({m.get('extracted_files', '?')} decoded, "
+             f"{m.get('reused_files', 0)} reused), {len(m['speakers'])} speakers, "
              f"features [{m['frames']} frames x {m['n_mels']} mels], clip {m['clip_seconds']:.2f} s"]
     header = f"{'class':<12}" + "".join(f"{s:>8}" for s in cache_lib.SPLIT_CODES)
     lines.append(header)
