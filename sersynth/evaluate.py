@@ -70,3 +70,29 @@ def random_subset(y: np.ndarray, per_class: int, n_classes: int, rng: np.random.
         pool = np.flatnonzero(y == c)
         out.append(rng.choice(pool, per_class, replace=pool.size < per_class))
     return np.concatenate(out)
+
+
+def herding(features: np.ndarray, k: int) -> np.ndarray:
+    """Greedy herding (Welling 2009; the coreset baseline of the dataset-distillation literature).
+
+    Picks ``k`` rows of ``features [n, d]`` one at a time so that the mean of the picked rows stays
+    closest to the mean of all rows. Returns their indices in order of selection.
+    """
+    x = features.reshape(features.shape[0], -1).astype(np.float64)
+    mu = x.mean(axis=0)
+    picked: list[int] = []
+    total = np.zeros_like(mu)
+    available = np.ones(x.shape[0], bool)
+    for t in range(min(k, x.shape[0])):
+        dist = np.sum(np.square(mu - (total[None] + x) / (t + 1)), axis=1)
+        dist[~available] = np.inf
+        j = int(np.argmin(dist))
+        picked.append(j)
+        available[j] = False
+        total += x[j]
+    return np.asarray(picked)
+
+
+def herding_subset(x: np.ndarray, y: np.ndarray, per_class: int, n_classes: int) -> np.ndarray:
+    """Indices of ``per_class`` herded samples of each class (in feature space)."""
+    return np.concatenate([np.flatnonzero(y == c)[herding(x[y == c], per_class)] for c in range(n_classes)])

@@ -182,9 +182,13 @@ def _eval_config(cfg: RunConfig, n_train: int) -> train.TrainConfig:
     return dataclasses.replace(cfg.expert_train, optimizer="sgd", momentum=0.0, lr_decay_every=0, **small)
 
 
-def _train_distilled(cfg, fm, x, targets, lr, inits, key, eval_sets, n_classes, name):
-    """``lr`` is the learned rate for the distilled set (ignored with ``eval_optimizer=expert``)."""
-    lr = lr if cfg.eval_optimizer == "learned_sgd" or name == "random_subset" else None
+def _syn_lr(cfg: RunConfig, learned_lr: float) -> float | None:
+    """The lr to train on the distilled set: the learned one (MTT), or None = the experts' (paper)."""
+    return learned_lr if cfg.eval_optimizer == "learned_sgd" else None
+
+
+def _train_small(cfg, fm, x, targets, lr, inits, key, eval_sets, n_classes, name):
+    """Trains on a small set (distilled or a real subset) with :func:`_eval_config` and scores it."""
     return eval_lib.train_and_score(name, fm, _eval_config(cfg, x.shape[0]), x, targets, inits, key, eval_sets,
                                     n_classes, lr=lr, parallel=cfg.parallel or None,
                                     epoch_mode=cfg.epoch_mode or None)
@@ -204,8 +208,9 @@ def stage_distill(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Expe
 
     def evaluate(state):
         targets = distill_lib.targets_of(state.params, state.labels, fs.n_classes)
-        r = _train_distilled(cfg, fm, state.params["x"], targets, float(jnp.exp(state.params["log_lr"])), inits,
-                             jax.random.key(cfg.seed + 7), val, fs.n_classes, "val")
+        lr = _syn_lr(cfg, float(jnp.exp(state.params["log_lr"])))
+        r = _train_small(cfg, fm, state.params["x"], targets, lr, inits, jax.random.key(cfg.seed + 7), val,
+                         fs.n_classes, "val")
         return r.mean_std("val")[0]
 
     t0 = time.perf_counter()
@@ -255,18 +260,18 @@ def stage_evaluate(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Exp
     uar, wa, cm = eval_lib.score(fm, jnp.asarray(ex.params[:, -1], jnp.float32), sets, n_classes)
     results["full_data"] = eval_lib.Result("full_data", uar, wa, cm, ex.meta["train_seconds_per_expert"],
                                            int(x_tr.shape[0]), {"epochs": ex.n_epochs, "seeds": "experts"})
-    results["distilled_fixed_init"] = _train_distilled(cfg, fm, x_syn, t_syn, lr, ex.inits, key, sets, n_classes,
-                                                       "distilled_fixed_init")
+    results["distilled_fixed_init"] = _train_small(cfg, fm, x_syn, t_syn, _syn_lr(cfg, lr), ex.inits, key, sets,
+                                                   n_classes, "distilled_fixed_init")
     random_inits = fm.init_many(jax.random.split(jax.random.fold_in(key, 1), cfg.eval_seeds))
-    results["distilled_random_init"] = _train_distilled(cfg, fm, x_syn, t_syn, lr, random_inits,
-                                                        jax.random.fold_in(key, 2), sets, n_classes,
-                                                        "distilled_random_init")
+    results["distilled_random_init"] = _train_small(cfg, fm, x_syn, t_syn, _syn_lr(cfg, lr), random_inits,
+                                                    jax.random.fold_in(key, 2), sets, n_classes,
+                                                    "distilled_random_init")
     # Random real subset of the same size, trained from the same fixed inits; its lr chosen on val.
     rng = np.random.default_rng(cfg.seed + 13)
     subsets = [eval_lib.random_subset(y_tr, ipc, n_classes, rng) for _ in range(cfg.eval_seeds)]
     best = None
     for mult in cfg.eval_lr_grid:
-        runs = [_train_distilled(cfg, fm, x_tr[idx], train.one_hot(y_tr[idx], n_classes), cfg.expert_train.lr * mult,
+        runs = [_train_small(cfg, fm, x_tr[idx], train.one_hot(y_tr[idx], n_classes), cfg.expert_train.lr * mult,
                                  ex.inits[[s % ex.inits.shape[0]]], jax.random.fold_in(key, 100 + s),
                                  sets, n_classes, "random_subset") for s, idx in enumerate(subsets)]
         merged = eval_lib.Result(
@@ -277,6 +282,12 @@ def stage_evaluate(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Exp
         if best is None or merged.mean_std("val")[0] > best.mean_std("val")[0]:
             best = merged
     results["random_subset_fixed_init"] = best
+    # Herding coreset of the same size (deterministic), from the experts' inits, at the subset's lr.
+    idx = eval_lib.herding_subset(x_tr, y_tr, ipc, n_classes)
+    herd = _train_small(cfg, fm, x_tr[idx], train.one_hot(y_tr[idx], n_classes), best.extra["lr"], ex.inits,
+                        jax.random.fold_in(key, 3), sets, n_classes, "herding_subset_fixed_init")
+    herd.extra["lr"] = best.extra["lr"]
+    results["herding_subset_fixed_init"] = herd
 
     full_feature_bytes = int(x_tr.nbytes)
     files = fs.manifest["files"]
@@ -287,6 +298,8 @@ def stage_evaluate(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Exp
         "uar_ratio_random": results["distilled_random_init"].mean_std("test")[0] / max(full, 1e-9),
         "distilled_minus_subset_test_uar": results["distilled_fixed_init"].mean_std("test")[0]
         - results["random_subset_fixed_init"].mean_std("test")[0],
+        "distilled_minus_herding_test_uar": results["distilled_fixed_init"].mean_std("test")[0]
+        - results["herding_subset_fixed_init"].mean_std("test")[0],
         "fraction_of_train": n_syn / x_tr.shape[0],
         "distilled_bytes": int(x_syn.astype(np.float32).nbytes), "full_feature_bytes": full_feature_bytes,
         "full_audio_bytes": train_audio_bytes,

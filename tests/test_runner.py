@@ -45,7 +45,7 @@ def test_end_to_end_run_writes_every_artifact(finished_run):
     workdir, proc = finished_run
     report = json.loads((workdir / "report.json").read_text())
     assert set(report["results"]) == {"full_data", "distilled_fixed_init", "distilled_random_init",
-                                      "random_subset_fixed_init"}
+                                      "random_subset_fixed_init", "herding_subset_fixed_init"}
     for r in report["results"].values():
         assert 0.0 <= r["test_uar_mean"] <= 1.0 and 0.0 <= r["val_wa_mean"] <= 1.0
     s = report["summary"]

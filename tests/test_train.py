@@ -63,3 +63,20 @@ def test_train_config_validation():
         train.TrainConfig(optimizer="lion").validate("expert_")
     with pytest.raises(ValueError, match="lr must be > 0"):
         train.TrainConfig(lr=0).validate()
+
+
+def test_herding_tracks_the_class_mean():
+    from sersynth.evaluate import herding, herding_subset, random_subset
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 6))
+    picked = herding(x, 10)
+    assert len(set(picked.tolist())) == 10
+    assert picked[0] == np.argmin(np.sum((x - x.mean(0)) ** 2, axis=1))      # nearest to the mean first
+    herd_err = np.linalg.norm(x[picked].mean(0) - x.mean(0))
+    rand_err = np.mean([np.linalg.norm(x[rng.choice(200, 10, replace=False)].mean(0) - x.mean(0)) for _ in range(50)])
+    assert herd_err < 0.5 * rand_err
+    y = np.arange(200) % 4
+    idx = herding_subset(x, y, 3, 4)
+    assert np.array_equal(np.bincount(y[idx]), [3, 3, 3, 3])
+    assert np.array_equal(np.bincount(y[random_subset(y, 3, 4, rng)]), [3, 3, 3, 3])
