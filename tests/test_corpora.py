@@ -140,7 +140,7 @@ def test_iemocap_labels_speakers_and_merge(tmp_path):
             utt = f"{dialog}_{gender}{k:03d}"
             _wav(root / f"Session{ses}" / "sentences" / "wav" / dialog / f"{utt}.wav", ses * 10 + k)
             rows += [f"[{k}.0000 - {k}.9000]\t{utt}\t{code}\t[2.5000, 2.5000, 2.5000]",
-                     f"C-E1:\tNeutral state;\t()", f"A-E2:\tval 3; act 2; dom  3;\t()", ""]
+                     "C-E1:\tNeutral state;\t()", "A-E2:\tval 3; act 2; dom  3;\t()", ""]
         lines[ses] = rows
         txt = root / f"Session{ses}" / "dialog" / "EmoEvaluation" / f"{dialog}.txt"
         txt.parent.mkdir(parents=True, exist_ok=True)

@@ -175,6 +175,7 @@ def summary(fs: cache_lib.FeatureSet) -> str:
     m = fs.manifest
     lines = [f"corpus {m['corpus']}: {len(m['files'])} clips ({m.get('extracted_files', '?')} decoded, "
              f"{m.get('reused_files', 0)} reused), {len(m['speakers'])} speakers, "
+             f"{sum(f['seconds'] for f in m['files']) / 3600:.2f} h of audio, "
              f"features [{m['frames']} frames x {m['n_mels']} mels], clip {m['clip_seconds']:.2f} s"]
     header = f"{'class':<12}" + "".join(f"{s:>8}" for s in cache_lib.SPLIT_CODES)
     lines.append(header)
