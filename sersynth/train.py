@@ -8,6 +8,7 @@ serves one-hot real labels and learned soft labels.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 from typing import Callable
@@ -103,15 +104,19 @@ def default_epoch_mode() -> str:
 
 
 def make_step(fm: FlatModel, tx: optax.GradientTransformation, use_augment: bool) -> Callable:
-    """``step(flat [P], opt_state, x [N,...], targets [N,C], ids [B], key) -> (flat, opt_state, loss)``."""
+    """``step(flat [P], opt_state, x [N,...], targets [N,C], ids [B], key, lr) -> (flat, opt_state, loss)``.
 
-    def step(flat, opt_state, x, targets, ids, key):
+    ``tx`` is built with a base learning rate of 1 and its update is scaled by ``lr``, so the lr is
+    an argument of the compiled step (one compilation serves every lr; optax's sgd and adam end in
+    such a scaling, so the result is the same as building ``tx`` with ``lr``)."""
+
+    def step(flat, opt_state, x, targets, ids, key, lr):
         xb = x[ids]
         if use_augment:
             xb = augment(xb, key)
         loss, g = jax.value_and_grad(functools.partial(loss_fn, fm))(flat, xb, targets[ids])
         updates, opt_state = tx.update(g, opt_state, flat)
-        return optax.apply_updates(flat, updates), opt_state, loss
+        return optax.apply_updates(flat, lr * updates), opt_state, loss
 
     return step
 
@@ -123,15 +128,15 @@ def epoch_batches(key: jax.Array, n: int, batch: int) -> jax.Array:
 
 
 def make_epoch(step: Callable, n: int, batch: int) -> Callable:
-    """``epoch(flat, opt_state, x, targets, key) -> (flat, opt_state, mean loss)`` as one ``lax.scan``."""
+    """``epoch(flat, opt_state, x, targets, key, lr) -> (flat, opt_state, mean loss)`` as one ``lax.scan``."""
 
-    def epoch(flat, opt_state, x, targets, key):
+    def epoch(flat, opt_state, x, targets, key, lr):
         kperm, kaug = jax.random.split(key)
         idx = epoch_batches(kperm, n, batch)
 
         def body(carry, inputs):
             i, ids = inputs
-            flat, opt_state, loss = step(*carry, x, targets, ids, jax.random.fold_in(kaug, i))
+            flat, opt_state, loss = step(*carry, x, targets, ids, jax.random.fold_in(kaug, i), lr)
             return (flat, opt_state), loss
 
         (flat, opt_state), losses = jax.lax.scan(body, (flat, opt_state), (jnp.arange(idx.shape[0]), idx))
@@ -168,24 +173,18 @@ def fit(fm: FlatModel, cfg: TrainConfig, x, targets, init: jax.Array, key: jax.A
     x, targets = jnp.asarray(x), jnp.asarray(targets)
     n = x.shape[0]
     batch = min(cfg.batch_size, n)
-    tx = make_optimizer(cfg, max(1, n // batch), lr)
-    step = make_step(fm, tx, cfg.augment)
-    unit = make_epoch(step, n, batch) if epoch_mode == "scan" else step
+    lr = jnp.float32(cfg.lr if lr is None else lr)
+    tx, vunit, junit, perms = _compiled(fm, cfg, n, batch, parallel, epoch_mode)
     n_models = init.shape[0]
     if parallel == "vmap":
-        in_axes = (0, 0, None, None, 0) if epoch_mode == "scan" else (0, 0, None, None, 0, 0)
-        vunit = jax.jit(jax.vmap(unit, in_axes=in_axes))
-        run = lambda p, o, *a: vunit(p, o, x, targets, *a)
+        run = lambda p, o, *a: vunit(p, o, x, targets, *a, lr)
         params, opt_state = init, jax.vmap(tx.init)(init)
     else:
-        junit = jax.jit(unit)
-
         def run(p, o, *a):
-            out = [junit(p[i], o[i], x, targets, *(v[i] for v in a)) for i in range(n_models)]
+            out = [junit(p[i], o[i], x, targets, *(v[i] for v in a), lr) for i in range(n_models)]
             return [r[0] for r in out], [r[1] for r in out], jnp.stack([r[2] for r in out])
 
         params, opt_state = [init[i] for i in range(n_models)], [tx.init(init[i]) for i in range(n_models)]
-    perms = jax.jit(jax.vmap(lambda k: epoch_batches(k, n, batch)))
     model_keys = jax.random.split(key, n_models)
     traj = [np.asarray(init, np.float32)] if record else None
     losses = []
@@ -207,6 +206,31 @@ def fit(fm: FlatModel, cfg: TrainConfig, x, targets, init: jax.Array, key: jax.A
             traj.append(np.asarray(jnp.stack(params) if parallel == "loop" else params, np.float32))
     final = jnp.stack(params) if parallel == "loop" else params
     return final, np.asarray(jnp.stack(losses, axis=1)), (np.stack(traj, axis=1) if record else None)
+
+
+_COMPILED: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
+
+
+def _compiled(fm: FlatModel, cfg: TrainConfig, n: int, batch: int, parallel: str, epoch_mode: str) -> tuple:
+    """``(tx, vmapped unit, single unit, batch sampler)``, jitted once per model, config (lr and epochs
+    aside) and data size, so repeated fits (evaluation seeds, lr grids, validation during
+    distillation) do not recompile. A small LRU keeps the most recent 16."""
+    key = (id(fm), dataclasses.replace(cfg, lr=1.0, epochs=1), n, batch, parallel, epoch_mode)
+    hit = _COMPILED.get(key)
+    if hit is not None and hit[0] is fm:
+        _COMPILED.move_to_end(key)
+        return hit[1]
+    tx = make_optimizer(cfg, max(1, n // batch), lr=1.0)
+    step = make_step(fm, tx, cfg.augment)
+    unit = make_epoch(step, n, batch) if epoch_mode == "scan" else step
+    in_axes = (0, 0, None, None, 0, None) if epoch_mode == "scan" else (0, 0, None, None, 0, 0, None)
+    vunit = jax.jit(jax.vmap(unit, in_axes=in_axes)) if parallel == "vmap" else None
+    junit = jax.jit(unit) if parallel == "loop" else None
+    perms = jax.jit(jax.vmap(lambda k: epoch_batches(k, n, batch)))
+    _COMPILED[key] = (fm, (tx, vunit, junit, perms))
+    while len(_COMPILED) > 16:
+        _COMPILED.popitem(last=False)
+    return tx, vunit, junit, perms
 
 
 def predict(fm: FlatModel, params: jax.Array, x, chunk: int = 512) -> np.ndarray:

@@ -1,6 +1,8 @@
 """Training loop, metrics, and the vmap/loop and scan/host variants agreeing."""
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -80,3 +82,25 @@ def test_herding_tracks_the_class_mean():
     idx = herding_subset(x, y, 3, 4)
     assert np.array_equal(np.bincount(y[idx]), [3, 3, 3, 3])
     assert np.array_equal(np.bincount(y[random_subset(y, 3, 4, rng)]), [3, 3, 3, 3])
+
+
+def test_fits_share_one_compilation_across_learning_rates(toy_model):
+    x, y = _toy()
+    t = train.one_hot(y, 3)
+    init = toy_model.init_many(jax.random.split(jax.random.key(0), 1))
+    cfg = train.TrainConfig(optimizer="adam", lr=0.01, epochs=2, batch_size=16, lr_decay=0.5, lr_decay_every=1)
+    a = train.fit(toy_model, dataclasses.replace(cfg, lr=0.05), x, t, init, jax.random.key(2), parallel="loop")[0]
+    compiled = len(train._COMPILED)
+    b = train.fit(toy_model, cfg, x, t, init, jax.random.key(2), parallel="loop", lr=0.05)[0]
+    frozen = train.fit(toy_model, dataclasses.replace(cfg, epochs=3), x, t, init, jax.random.key(2),
+                       parallel="loop", lr=0.0)[0]
+    assert len(train._COMPILED) == compiled
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+    np.testing.assert_array_equal(frozen, init)
+    # scaling the update of a tx built with lr 1 equals building it with the lr (Adam with decay)
+    tx = train.make_optimizer(cfg, 3, lr=0.05)
+    g = jax.numpy.ones(toy_model.n_params)
+    u, _ = tx.update(g, tx.init(init[0]), init[0])
+    tx1 = train.make_optimizer(cfg, 3, lr=1.0)
+    u1, _ = tx1.update(g, tx1.init(init[0]), init[0])
+    np.testing.assert_allclose(u, 0.05 * u1, rtol=1e-6)
