@@ -157,3 +157,13 @@ def test_incremental_prepare_decodes_only_new_files(tiny_corpus, tmp_path):
     fresh = prepare.prepare(root, tmp_path / "fresh", cfg, progress=False)
     np.testing.assert_allclose(second.x, fresh.x, atol=1e-4)
     np.testing.assert_array_equal(second.y, fresh.y)
+
+
+def test_two_builds_give_identical_caches(tiny_corpus, tiny_cache, tmp_path):
+    fs, out, cfg = tiny_cache
+    again = prepare.prepare(tiny_corpus, tmp_path / "again", cfg, progress=False)
+    a, b = np.load(cache.cache_files(out)[0]), np.load(cache.cache_files(tmp_path / "again")[0])
+    assert sorted(a.files) == sorted(b.files)
+    for k in a.files:
+        np.testing.assert_array_equal(a[k], b[k])
+    assert again.hash == fs.hash and again.manifest["split_of_speaker"] == fs.manifest["split_of_speaker"]
