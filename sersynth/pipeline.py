@@ -90,10 +90,9 @@ class RunConfig:
         try:
             self.expert_train.validate("expert_")
             self.distill.validate(self.expert_train.epochs)
+            distill_lib.data_mesh(self.mesh_devices)
         except ValueError as e:
             raise RunError(str(e)) from None
-        if self.mesh_devices > jax.device_count():
-            raise RunError(f"--mesh_devices={self.mesh_devices} but only {jax.device_count()} device(s) are visible")
         if self.n_experts < 1 or self.eval_seeds < 1 or self.eval_epochs < 1:
             raise RunError("--n_experts, --eval_seeds and --eval_epochs must be >= 1")
         if self.trajectory_dtype not in experts_lib.STORAGE_DTYPES:
@@ -272,8 +271,8 @@ def stage_evaluate(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Exp
     best = None
     for mult in cfg.eval_lr_grid:
         runs = [_train_small(cfg, fm, x_tr[idx], train.one_hot(y_tr[idx], n_classes), cfg.expert_train.lr * mult,
-                                 ex.inits[[s % ex.inits.shape[0]]], jax.random.fold_in(key, 100 + s),
-                                 sets, n_classes, "random_subset") for s, idx in enumerate(subsets)]
+                             ex.inits[[s % ex.inits.shape[0]]], jax.random.fold_in(key, 100 + s),
+                             sets, n_classes, "random_subset") for s, idx in enumerate(subsets)]
         merged = eval_lib.Result(
             "random_subset_fixed_init", {k: [r.uar[k][0] for r in runs] for k in sets},
             {k: [r.wa[k][0] for r in runs] for k in sets},

@@ -61,7 +61,8 @@ def _scan_demos(root: Path) -> tuple[list[Item], list[dict]]:
 
 
 def _wavs(root: Path, under: str = "") -> list[Path]:
-    base = root / under if under else root
+    """Audio files under ``root/under`` when that folder exists (the layout as shipped), else under ``root``."""
+    base = root / under if under and (root / under).is_dir() else root
     return sorted(p for p in base.rglob("*") if p.is_file() and p.suffix.lower() in (".wav", ".flac"))
 
 
@@ -122,8 +123,7 @@ def _scan_cremad(root: Path) -> tuple[list[Item], list[dict]]:
         m = _CREMAD.match(p.stem)
         return {"code": m[3], "speaker": m[1], "gender": genders.get(m[1], "")} if m else None
 
-    base = root / "AudioWAV" if (root / "AudioWAV").is_dir() else root
-    return _scan_names(root, _wavs(base), "CREMA-D", parse, _CREMAD_CODES, "AudioWAV/AAAA_SSS_EMO_LL.wav")
+    return _scan_names(root, _wavs(root, "AudioWAV"), "CREMA-D", parse, _CREMAD_CODES, "AudioWAV/AAAA_SSS_EMO_LL.wav")
 
 
 # EmoDB (Burkhardt et al. 2005): wav/SSTTTEV.wav: speaker SS, text TTT, emotion letter E (German
@@ -171,8 +171,7 @@ def _parse_savee(p: Path) -> dict | None:
 
 
 def _scan_savee(root: Path) -> tuple[list[Item], list[dict]]:
-    base = root / "AudioData" if (root / "AudioData").is_dir() else root
-    items, skipped = _scan_names(root, _wavs(base), "SAVEE", _parse_savee, _SAVEE_CODES,
+    items, skipped = _scan_names(root, _wavs(root, "AudioData"), "SAVEE", _parse_savee, _SAVEE_CODES,
                                  "AudioData/<DC|JE|JK|KL>/<code><NN>.wav")
     # A flat DC_a01.wav copy of a file also present as DC/a01.wav is the same recording: keep one.
     seen, unique = set(), []
@@ -281,8 +280,7 @@ SIX = ("anger", "disgust", "fear", "happiness", "sadness", "surprise")
 
 
 def _names(parse, under: str, corpus: str, codes: dict, hint: str):
-    return lambda root: _scan_names(root, _wavs(root, under if (root / under).is_dir() else ""), corpus, parse,
-                                    codes, hint)
+    return lambda root: _scan_names(root, _wavs(root, under), corpus, parse, codes, hint)
 
 
 REGISTRY: dict[str, Corpus] = {
