@@ -90,13 +90,19 @@ def test_savee_flat_copies_are_deduplicated(tmp_path):
                                             "reason": "duplicate of the same SAVEE recording"}]
 
 
-def test_tess_two_speakers_cannot_be_split_by_speaker(tmp_path):
+def test_tess_two_speakers_get_an_utterance_split(tmp_path):
     root = tmp_path / "TESS"
     for spk, folder in (("OAF", "OAF_angry"), ("YAF", "YAF_Angry")):
-        _wav(root / folder / f"{spk}_back_angry.wav")
-        _wav(root / folder.replace("ngry", "ad").replace("Angry", "sad") / f"{spk}_back_sad.wav")
+        for word in ("back", "bar", "base"):
+            _wav(root / folder / f"{spk}_{word}_angry.wav")
+            _wav(root / folder.replace("ngry", "ad").replace("Angry", "sad") / f"{spk}_{word}_sad.wav")
     with pytest.raises(ValueError, match="needs >= 3 speakers, the corpus has 2"):
-        _prepare(root, "tess", tmp_path, emotions=("anger", "sadness"))
+        _prepare(root, "tess", tmp_path, emotions=("anger", "sadness"), protocol="speaker")
+    fs = _prepare(root, "tess", tmp_path, emotions=("anger", "sadness"))      # customary: utterance split
+    assert fs.manifest["protocol"] == "utterance" and fs.manifest["speaker_independent"] is False
+    for c in range(2):
+        assert sorted(np.bincount(fs.split[fs.y == c], minlength=3)) == [2, 2, 2]
+    assert "NOT speaker-independent" in prepare.summary(fs)
 
 
 def test_emodb_24bit_float_and_flac(tmp_path):

@@ -166,4 +166,4 @@ def test_two_builds_give_identical_caches(tiny_corpus, tiny_cache, tmp_path):
     assert sorted(a.files) == sorted(b.files)
     for k in a.files:
         np.testing.assert_array_equal(a[k], b[k])
-    assert again.hash == fs.hash and again.manifest["split_of_speaker"] == fs.manifest["split_of_speaker"]
+    assert again.hash == fs.hash and again.manifest["fold_info"] == fs.manifest["fold_info"]

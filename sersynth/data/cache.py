@@ -1,12 +1,16 @@
 """The feature cache: what data prep writes and the engine reads (numpy + JSON only, no audio libs).
 
 Layout of a cache folder:
-  features.npz   x [N, frames, n_mels] float32 (normalised per Mel bin with train-split statistics),
-                 y [N] int32, speaker [N] int32, split [N] int8 (0 train, 1 val, 2 test),
+  features.npz   x [N, frames, n_mels] float32 (normalised per Mel bin with fold 0's train statistics),
+                 y [N] int32, speaker [N] int32, split [N] int8 (0 train, 1 val, 2 test: fold 0),
+                 folds [K, N] int8 (the split of each cross-validation fold; K = 1 for one split),
                  mel_mean / mel_std [n_mels] (to undo the normalisation, e.g. for audio renders)
-  manifest.json  classes, speakers, files (path, label, speaker, split, seconds), feature and split
-                 parameters, skipped files with reasons, ``input_hash`` (audio + parameters) and
-                 ``hash`` (the arrays written), which downstream stages record and check.
+  manifest.json  classes, speakers, protocol, fold_info, files (path, label, speaker, split, seconds),
+                 feature and split parameters, skipped files with reasons, ``input_hash`` (audio +
+                 parameters) and ``hash`` (the arrays written), which downstream stages record and check.
+
+:meth:`FeatureSet.select_fold` gives fold k's view: its split, features re-normalised with its own
+training statistics, and a hash of its own, so experts of one fold are never reused for another.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ class FeatureSet:
     mel_mean: np.ndarray     # [n_mels]
     mel_std: np.ndarray      # [n_mels]
     manifest: dict
+    folds: np.ndarray | None = None   # [K, N] int8; None: one split (``split``)
 
     @property
     def classes(self) -> list[str]:
@@ -46,9 +51,37 @@ class FeatureSet:
     def hash(self) -> str:
         return self.manifest["hash"]
 
+    @property
+    def n_folds(self) -> int:
+        return 1 if self.folds is None else int(self.folds.shape[0])
+
     def subset(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         mask = self.split == SPLIT_CODES[split]
         return self.x[mask], self.y[mask]
+
+    def select_fold(self, k: int) -> "FeatureSet":
+        """Fold ``k`` of a cross-validation protocol (fold 0 is the view the cache loads as)."""
+        if not 0 <= k < self.n_folds:
+            raise CacheError(f"--fold={k}: the cache has {self.n_folds} fold(s) (protocol "
+                             f"{self.manifest.get('protocol', 'speaker')}), choose 0..{self.n_folds - 1} or all")
+        if k == self.manifest.get("fold", 0):
+            return self
+        split = self.folds[k]
+        x, mean, std = normalise(self.x * self.mel_std + self.mel_mean, split == SPLIT_CODES["train"])
+        names = list(SPLIT_CODES)
+        m = dict(self.manifest, fold=k, hash=f"{self.manifest['hash']}-fold{k}",
+                 files=[dict(f, split=names[c]) for f, c in zip(self.manifest["files"], split)])
+        return dataclasses.replace(self, x=x, split=split, mel_mean=mean, mel_std=std, manifest=m)
+
+
+def normalise(x: np.ndarray, train_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-Mel-bin standardisation with the statistics of the training rows: (x', mean, std)."""
+    train = x[train_mask]
+    if train.shape[0] == 0:
+        raise CacheError("the training split is empty")
+    mean = train.mean(axis=(0, 1)).astype(np.float32)
+    std = (train.std(axis=(0, 1)) + 1e-5).astype(np.float32)
+    return ((x - mean) / std).astype(np.float32), mean, std
 
 
 def cache_files(cache_dir: str | Path) -> tuple[Path, Path]:
@@ -67,7 +100,8 @@ def load(cache_dir: str | Path) -> FeatureSet:
         raise CacheError(f"{npz} lacks arrays {sorted(missing)}")
     if array_hash(arrays) != manifest.get("hash"):
         raise CacheError(f"{npz} does not match the hash in {manifest_path}; the cache was modified, re-run prepare")
-    return FeatureSet(manifest=manifest, **{k: arrays[k] for k in ("x", "y", "speaker", "split", "mel_mean", "mel_std")})
+    return FeatureSet(manifest=manifest, folds=arrays.get("folds"),
+                      **{k: arrays[k] for k in ("x", "y", "speaker", "split", "mel_mean", "mel_std")})
 
 
 def array_hash(arrays: dict[str, np.ndarray]) -> str:

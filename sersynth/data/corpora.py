@@ -19,6 +19,8 @@ class Item:
     label: str         # canonical emotion name
     speaker: str
     gender: str = ""
+    session: str = ""  # recording session (IEMOCAP), for leave-one-session-out folds
+    split: str = ""    # the split the corpus ships (MSP-Podcast, a CSV split column), for --protocol=official
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +29,7 @@ class Corpus:
     description: str
     scan: Callable[[Path], tuple[list[Item], list[dict]]]
     default_emotions: tuple[str, ...]
+    protocol: str = "speaker"          # customary protocol, used by --protocol=default (see splits.py)
 
 
 class CorpusError(ValueError):
@@ -243,32 +246,91 @@ def _scan_iemocap(root: Path) -> tuple[list[Item], list[dict]]:
             if code not in _IEMOCAP_CODES:
                 raise CorpusError(f"{rel}: unknown IEMOCAP label {code!r} (known: {sorted(_IEMOCAP_CODES)})")
             gender = p.stem.split("_")[-1][:1].upper()
-            items.append(Item(rel, _IEMOCAP_CODES[code], f"{p.stem[:5]}{gender}", gender.lower()))
+            items.append(Item(rel, _IEMOCAP_CODES[code], f"{p.stem[:5]}{gender}", gender.lower(), session.name))
     if not items:
         raise CorpusError(f"{root}: no labelled IEMOCAP utterance found")
     return items, skipped
 
 
-# Generic manifest: manifest.csv with columns path,label,speaker (paths relative to the root).
-def _scan_csv(root: Path) -> tuple[list[Item], list[dict]]:
+# MSP-Podcast (Lotfian & Busso 2019; release readme): Audios/<file>.wav (older releases: Audio/),
+# labels in Labels/labels_consensus.csv (early releases spell it labels_concensus.csv) with columns
+# FileName, EmoClass, EmoAct, EmoVal, EmoDom, SpkrID, Gender, Split_Set. EmoClass: A angry, S sad,
+# H happy, U surprise, F fear, D disgust, C contempt, N neutral, O other, X no agreement (skipped).
+# Split_Set: Train, Development (called Validation in early releases), Test1, Test2 (and Test3 in
+# 1.12); the official protocol trains on Train, selects on Development and tests on Test1; Test2 and
+# Test3 are separate test sets, skipped with that reason. SpkrID 'Unknown' clips get one speaker each.
+_MSP_CODES = {"A": "anger", "S": "sadness", "H": "happiness", "U": "surprise", "F": "fear", "D": "disgust",
+              "C": "contempt", "N": "neutral", "O": "other"}
+_MSP_SPLITS = {"train": "train", "development": "val", "validation": "val", "test1": "test"}
+
+
+def _read_csv(path: Path, required: set[str]) -> list[tuple[int, dict]]:
     import csv
 
-    path = root / "manifest.csv"
-    if not path.is_file():
-        raise CorpusError(f"{root} has no manifest.csv (columns: path,label,speaker)")
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
-        missing = {"path", "label", "speaker"} - set(reader.fieldnames or [])
+        missing = required - set(reader.fieldnames or [])
         if missing:
             raise CorpusError(f"{path}: missing columns {sorted(missing)}")
-        items, skipped = [], []
-        for line, row in enumerate(reader, start=2):
-            rel = row["path"].strip()
-            if not (root / rel).is_file():
-                skipped.append({"path": rel, "reason": f"listed in manifest.csv line {line} but missing"})
+        return [(line, {k: (v or "").strip() for k, v in row.items() if k}) for line, row in enumerate(reader, 2)]
+
+
+def _scan_msppodcast(root: Path) -> tuple[list[Item], list[dict]]:
+    labels = next((root / "Labels" / n for n in ("labels_consensus.csv", "labels_concensus.csv")
+                   if (root / "Labels" / n).is_file()), None)
+    if labels is None:
+        raise CorpusError(f"{root} has no Labels/labels_consensus.csv (or labels_concensus.csv); is it MSP-Podcast?")
+    audio_dir = next((root / n for n in ("Audios", "Audio") if (root / n).is_dir()), None)
+    if audio_dir is None:
+        raise CorpusError(f"{root} has no Audios/ (or Audio/) folder; is it MSP-Podcast?")
+    files = {p.name: p for p in _wavs(audio_dir)}
+    items, skipped, seen = [], [], set()
+    for line, row in _read_csv(labels, {"FileName", "EmoClass", "SpkrID", "Split_Set"}):
+        name, code, split = row["FileName"], row["EmoClass"], row["Split_Set"]
+        where = f"{labels.name} line {line}"
+        if name not in files:
+            skipped.append({"path": f"{audio_dir.name}/{name}", "reason": f"listed in {where} but missing"})
+            continue
+        seen.add(name)
+        rel = files[name].relative_to(root).as_posix()
+        if code == "X":
+            skipped.append({"path": rel, "reason": "annotators reached no agreement (X)"})
+            continue
+        if code not in _MSP_CODES:
+            raise CorpusError(f"{rel}: unknown MSP-Podcast EmoClass {code!r} in {where} (known: {sorted(_MSP_CODES)} and X)")
+        if split.lower() not in _MSP_SPLITS:
+            if split.lower().startswith("test"):
+                skipped.append({"path": rel, "reason": f"{split} is a separate test set (official protocol tests on Test1)"})
                 continue
-            label = row["label"].strip().lower()
-            items.append(Item(rel, CANONICAL.get(label, label), row["speaker"].strip(), row.get("gender", "").strip()))
+            raise CorpusError(f"{rel}: unknown MSP-Podcast Split_Set {split!r} in {where}")
+        spk = row["SpkrID"]
+        speaker = f"unknown:{Path(name).stem}" if spk.lower() in ("unknown", "") else f"spk{spk}"
+        items.append(Item(rel, _MSP_CODES[code], speaker, row.get("Gender", "")[:1].lower(),
+                          split=_MSP_SPLITS[split.lower()]))
+    skipped += [{"path": p.relative_to(root).as_posix(), "reason": f"no row in {labels.name}"}
+                for n, p in sorted(files.items()) if n not in seen]
+    if not items:
+        raise CorpusError(f"{root}: no labelled MSP-Podcast clip found")
+    return items, skipped
+
+
+# Generic manifest: manifest.csv with columns path,label,speaker and optional gender, session and
+# split (train/val/test, for --protocol=official); paths relative to the root.
+def _scan_csv(root: Path) -> tuple[list[Item], list[dict]]:
+    path = root / "manifest.csv"
+    if not path.is_file():
+        raise CorpusError(f"{root} has no manifest.csv (columns: path,label,speaker[,gender,session,split])")
+    items, skipped = [], []
+    for line, row in _read_csv(path, {"path", "label", "speaker"}):
+        rel = row["path"]
+        if not (root / rel).is_file():
+            skipped.append({"path": rel, "reason": f"listed in manifest.csv line {line} but missing"})
+            continue
+        label = row["label"].lower()
+        split = row.get("split", "").lower()
+        split = {"dev": "val", "development": "val", "validation": "val", "valid": "val"}.get(split, split)
+        items.append(Item(rel, CANONICAL.get(label, label), row["speaker"], row.get("gender", ""),
+                          row.get("session", ""), split))
     return items, skipped
 
 
@@ -283,6 +345,10 @@ def _names(parse, under: str, corpus: str, codes: dict, hint: str):
     return lambda root: _scan_names(root, _wavs(root, under), corpus, parse, codes, hint)
 
 
+# Customary protocols (--protocol=default): the paper's 40/30/30 speaker split for DEMoS and the
+# larger acted corpora; leave-one-speaker-out for the small ones (EmoDB 10, EMOVO 6, SAVEE 4
+# speakers); leave-one-session-out for IEMOCAP; the shipped split for MSP-Podcast; an utterance
+# split for TESS, whose 2 speakers allow no speaker-independent split.
 REGISTRY: dict[str, Corpus] = {
     "demos": Corpus("demos", "DEMoS Italian elicited emotional speech (68 speakers)", _scan_demos,
                     ("anger", "disgust", "fear", "guilt", "happiness", "sadness", "surprise")),
@@ -291,20 +357,22 @@ REGISTRY: dict[str, Corpus] = {
     "cremad": Corpus("cremad", "CREMA-D, 91 actors", _scan_cremad, ("anger", "disgust", "fear", "happiness",
                      "neutral", "sadness")),
     "emodb": Corpus("emodb", "Berlin EmoDB, 10 speakers", _names(_parse_emodb, "wav", "EmoDB", _EMODB_CODES,
-                    "wav/SSTTTEV.wav"), ("anger", "boredom", "disgust", "fear", "happiness", "sadness", "neutral")),
+                    "wav/SSTTTEV.wav"), ("anger", "boredom", "disgust", "fear", "happiness", "sadness", "neutral"), "loso"),
     "tess": Corpus("tess", "Toronto emotional speech set, 2 speakers", _names(_parse_tess, "", "TESS", _TESS_CODES,
                    "<OAF|YAF>_<word>_<emotion>.wav"), ("anger", "disgust", "fear", "happiness", "neutral",
-                                                       "surprise", "sadness")),
+                                                       "surprise", "sadness"), "utterance"),
     "savee": Corpus("savee", "SAVEE, 4 male speakers", _scan_savee, ("anger", "disgust", "fear", "happiness",
-                    "neutral", "sadness", "surprise")),
+                    "neutral", "sadness", "surprise"), "loso"),
     "emovo": Corpus("emovo", "EMOVO Italian, 6 actors", _names(_parse_emovo, "", "EMOVO", _DEMOS_EMOTION,
                     "<f1..m3>/<emo>-<spk>-<sentence>.wav"), ("anger", "disgust", "fear", "happiness", "neutral",
-                                                             "sadness", "surprise")),
+                                                             "sadness", "surprise"), "loso"),
     "shemo": Corpus("shemo", "ShEMO Persian, 87 speakers", _names(_parse_shemo, "", "ShEMO", _SHEMO_CODES,
                     "<male|female>/<G><NN><E><NN>.wav"), ("anger", "fear", "happiness", "neutral", "sadness",
                                                           "surprise")),
     "iemocap": Corpus("iemocap", "IEMOCAP, 5 sessions x 2 speakers", _scan_iemocap,
-                      ("anger", "happiness", "neutral", "sadness")),
+                      ("anger", "happiness", "neutral", "sadness"), "loso_session"),
+    "msppodcast": Corpus("msppodcast", "MSP-Podcast, podcast speaking turns", _scan_msppodcast,
+                         ("anger", "happiness", "neutral", "sadness"), "official"),
     "csv": Corpus("csv", "any corpus listed in <root>/manifest.csv (path,label,speaker)", _scan_csv, ()),
 }
 # The embedded corpus is written in the DEMoS layout.

@@ -17,15 +17,19 @@ from sersynth.data import corpora, features, splits
 from sersynth.data.parallel import map_files
 from sersynth.io import atomic_save_npz, atomic_write_json, fingerprint
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True)
 class PrepareConfig:
-    corpus: str = "embedded"
-    emotions: tuple[str, ...] = ()                  # () -> the corpus's default set
+    corpus: str = "embedded"                        # one name, or several comma-separated (cross-corpus)
+    emotions: tuple[str, ...] = ()                  # () -> the corpus's default set (shared set of several)
+    protocol: str = "default"                       # see sersynth.data.splits; default: the corpus's customary
     split_fractions: tuple[float, float, float] = (0.4, 0.3, 0.3)
     split_seed: int = 0
+    val_speakers: int = 1                           # fold protocols: validation speakers per fold
+    test_corpus: str = ""                           # several corpora: this one is the test set
+    label_map: tuple[str, ...] = ()                 # "from:to" renames applied to every corpus's labels
     features: features.FeatureConfig = features.FeatureConfig()
     workers: int = 0                                # 0 -> all cores
     strict: bool = False
@@ -65,23 +69,39 @@ def prepare(root: str | Path, out_dir: str | Path, cfg: PrepareConfig = PrepareC
             progress: bool = True) -> cache_lib.FeatureSet:
     """Builds (or reuses) the feature cache of the corpus under ``root`` in ``out_dir``."""
     cfg.features.validate()
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"corpus folder {root} does not exist")
-    corpus = corpora.get(cfg.corpus)
-    items, skipped = corpus.scan(root)
-    emotions = tuple(cfg.emotions) or corpus.default_emotions or tuple(sorted({it.label for it in items}))
+    names = [n.strip() for n in cfg.corpus.split(",") if n.strip()]
+    roots = [Path(r) for r in (root if isinstance(root, (list, tuple)) else str(root).split(","))]
+    if len(names) != len(roots):
+        raise ValueError(f"--corpus names {len(names)} corpora but {len(roots)} folder(s) were given")
+    label_map = _label_map(cfg.label_map)
+    items, skipped, where, protocols = [], [], {}, []
+    for name, r in zip(names, roots):
+        if not r.is_dir():
+            raise FileNotFoundError(f"corpus folder {r} does not exist")
+        corpus = corpora.get(name)
+        found, skips = corpus.scan(r)
+        prefix = f"{name}/" if len(names) > 1 else ""
+        for it in found:
+            it = dataclasses.replace(it, path=prefix + it.path, label=label_map.get(it.label, it.label),
+                                     speaker=prefix + it.speaker, session=it.session and prefix + it.session)
+            items.append(it)
+            where[it.path] = r / it.path[len(prefix):]
+        skipped += [{**sk, "path": prefix + sk["path"]} for sk in skips]
+        protocols.append(corpus.protocol)
+    emotions = tuple(cfg.emotions) or _default_emotions(names, items, label_map)
     excluded = sum(it.label not in emotions for it in items)
     items = [it for it in items if it.label in emotions]
     absent = [e for e in emotions if not any(it.label == e for it in items)]
     if absent:
-        raise corpora.CorpusError(f"{root}: no usable files for emotions {absent}")
+        raise corpora.CorpusError(f"{','.join(map(str, roots))}: no usable files for emotions {absent}")
+    protocol = _resolve_protocol(cfg, names, protocols, items)
 
-    digests = [_file_digest(root / it.path) for it in items]
+    digests = [_file_digest(where[it.path]) for it in items]
     input_record = {
-        "version": CACHE_VERSION, "corpus": corpus.name, "emotions": list(emotions),
+        "version": CACHE_VERSION, "corpus": cfg.corpus, "emotions": list(emotions), "protocol": protocol,
         "features": dataclasses.asdict(cfg.features), "split_fractions": list(cfg.split_fractions),
-        "split_seed": cfg.split_seed, "files": [[it.path, it.label, it.speaker, d] for it, d in zip(items, digests)],
+        "split_seed": cfg.split_seed, "val_speakers": cfg.val_speakers, "test_corpus": cfg.test_corpus,
+        "files": [[it.path, it.label, it.speaker, it.session, it.split, d] for it, d in zip(items, digests)],
     }
     input_hash = fingerprint(input_record)
     npz_path, manifest_path = cache_lib.cache_files(out_dir)
@@ -94,12 +114,12 @@ def prepare(root: str | Path, out_dir: str | Path, cfg: PrepareConfig = PrepareC
         except cache_lib.CacheError:
             existing = None  # broken or foreign cache: rebuild it
 
-    probes = map_files(_probe, [str(root / it.path) for it in items], cfg.workers, "probe", progress)
+    probes = map_files(_probe, [str(where[it.path]) for it in items], cfg.workers, "probe", progress)
     keep = []
     for it, (seconds, reason) in zip(items, probes):
         (skipped.append({"path": it.path, "reason": reason}) if reason else keep.append((it, seconds)))
     if not keep:
-        raise corpora.CorpusError(f"{root}: none of the {len(items)} files could be decoded")
+        raise corpora.CorpusError(f"{','.join(map(str, roots))}: none of the {len(items)} files could be decoded")
     clip_seconds = cfg.features.clip_seconds or max(s for _, s in keep)
     n_samples = int(round(clip_seconds * cfg.features.sample_rate))
     # Incremental: rows of an existing cache with the same feature parameters and clip length are
@@ -107,7 +127,7 @@ def prepare(root: str | Path, out_dir: str | Path, cfg: PrepareConfig = PrepareC
     reusable = _reusable_rows(existing, cfg.features, clip_seconds)
     digest_of = {it.path: d for it, d in zip(items, digests)}
     todo = [i for i, (it, _) in enumerate(keep) if (it.path, digest_of[it.path]) not in reusable]
-    extracted = map_files(_extract, [(str(root / keep[i][0].path), n_samples, cfg.features) for i in todo],
+    extracted = map_files(_extract, [(str(where[keep[i][0].path]), n_samples, cfg.features) for i in todo],
                           cfg.workers, "log-Mel", progress)
     results = [(reusable.get((it.path, digest_of[it.path])), "") for it, _ in keep]
     for i, result in zip(todo, extracted):
@@ -125,28 +145,33 @@ def prepare(root: str | Path, out_dir: str | Path, cfg: PrepareConfig = PrepareC
         raise corpora.CorpusError(f"--strict: {len(skipped)} file(s) skipped, first {first['path']}: {first['reason']}")
 
     speakers = sorted({it.speaker for it, _ in rows})
-    assignment = splits.speaker_split(speakers, cfg.split_fractions, cfg.split_seed)
+    try:
+        assignment = _assign(protocol, [it for it, _ in rows], cfg, names)
+    except ValueError as e:
+        raise corpora.CorpusError(f"--protocol={protocol}: {e}") from None
     x = np.stack(feats).astype(np.float32)
     y = np.array([emotions.index(it.label) for it, _ in rows], dtype=np.int32)
     spk = np.array([speakers.index(it.speaker) for it, _ in rows], dtype=np.int32)
-    split = np.array([cache_lib.SPLIT_CODES[assignment[it.speaker]] for it, _ in rows], dtype=np.int8)
-    train = x[split == 0]
-    if train.shape[0] == 0:
-        raise corpora.CorpusError("the training split is empty")
-    mean = train.mean(axis=(0, 1))
-    std = train.std(axis=(0, 1)) + 1e-5
-    x = (x - mean) / std
-    arrays = {"x": x, "y": y, "speaker": spk, "split": split,
-              "mel_mean": mean.astype(np.float32), "mel_std": std.astype(np.float32)}
+    folds = assignment.folds
+    for k, fold in enumerate(folds):
+        empty = [name for name, code in splits.CODES.items() if not np.any(fold == code)]
+        if empty:
+            raise corpora.CorpusError(f"--protocol={protocol}: fold {k} has no {'/'.join(empty)} clips")
+    x, mean, std = cache_lib.normalise(x, folds[0] == splits.CODES["train"])
+    arrays = {"x": x, "y": y, "speaker": spk, "split": folds[0], "folds": folds, "mel_mean": mean, "mel_std": std}
     manifest = {
-        "version": CACHE_VERSION, "corpus": corpus.name, "root": str(root.resolve()),
+        "version": CACHE_VERSION, "corpus": cfg.corpus, "root": ",".join(str(r.resolve()) for r in roots),
         "classes": list(emotions), "speakers": speakers,
-        "split_of_speaker": assignment, "split_fractions": list(cfg.split_fractions), "split_seed": cfg.split_seed,
+        "protocol": protocol, "n_folds": int(folds.shape[0]), "fold": 0, "fold_info": assignment.fold_info,
+        "speaker_independent": assignment.speaker_independent, "test_corpus": cfg.test_corpus,
+        "split_fractions": list(cfg.split_fractions), "split_seed": cfg.split_seed, "val_speakers": cfg.val_speakers,
+        "label_map": list(cfg.label_map),
         "features": dataclasses.asdict(cfg.features), "clip_seconds": clip_seconds,
         "frames": int(x.shape[1]), "n_mels": int(x.shape[2]),
-        "files": [{"path": it.path, "label": it.label, "speaker": it.speaker, "split": assignment[it.speaker],
-                   "seconds": round(s, 4), "bytes": (root / it.path).stat().st_size, "digest": digest_of[it.path]}
-                  for it, s in rows],
+        "files": [{"path": it.path, "label": it.label, "speaker": it.speaker, "session": it.session,
+                   "split": splits.SPLITS[folds[0, i]], "seconds": round(s, 4),
+                   "bytes": where[it.path].stat().st_size, "digest": digest_of[it.path]}
+                  for i, (it, s) in enumerate(rows)],
         "extracted_files": len(todo), "reused_files": len(keep) - len(todo),
         "skipped": skipped, "excluded_other_emotions": excluded,
         "input_hash": input_hash, "hash": cache_lib.array_hash(arrays),
@@ -156,6 +181,61 @@ def prepare(root: str | Path, out_dir: str | Path, cfg: PrepareConfig = PrepareC
     atomic_save_npz(npz_path, arrays)
     atomic_write_json(manifest_path, manifest)
     return cache_lib.load(out_dir)
+
+
+def _label_map(pairs: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        src, sep, dst = pair.partition(":")
+        if not sep or not src.strip() or not dst.strip():
+            raise ValueError(f"--label_map entries are from:to, got {pair!r}")
+        out[src.strip().lower()] = dst.strip().lower()
+    return out
+
+
+def _default_emotions(names: list[str], items: list[corpora.Item], label_map: dict[str, str]) -> tuple[str, ...]:
+    """One corpus: its default set. Several: the labels of their default sets (mapped) that every
+    corpus actually has, in the first corpus's order."""
+    if len(names) == 1:
+        return corpora.get(names[0]).default_emotions or tuple(sorted({it.label for it in items}))
+    sets = []
+    for name in names:
+        defaults = corpora.get(name).default_emotions
+        have = {it.label for it in items if it.path.startswith(f"{name}/")}
+        sets.append([e for e in dict.fromkeys(label_map.get(e, e) for e in defaults) if e in have]
+                    if defaults else sorted(have))
+    shared = [e for e in dict.fromkeys(sets[0]) if all(e in s for s in sets[1:])]
+    if not shared:
+        raise corpora.CorpusError(f"corpora {names} share no emotion; map labels with --label_map=from:to")
+    return tuple(shared)
+
+
+def _resolve_protocol(cfg: PrepareConfig, names: list[str], customary: list[str], items: list[corpora.Item]) -> str:
+    if cfg.test_corpus:
+        if cfg.test_corpus not in names or len(names) < 2:
+            raise ValueError(f"--test_corpus={cfg.test_corpus} must be one of several --corpus names ({cfg.corpus})")
+        if cfg.protocol not in ("default", "cross_corpus"):
+            raise ValueError(f"--test_corpus needs --protocol=cross_corpus (or default), got {cfg.protocol}")
+        return "cross_corpus"
+    if cfg.protocol == "cross_corpus":
+        raise ValueError("--protocol=cross_corpus needs --test_corpus (one of the --corpus names)")
+    if cfg.protocol != "default":
+        return cfg.protocol
+    if len(set(customary)) == 1 and len(names) == 1:
+        if customary[0] == "speaker" and items and all(it.split for it in items):
+            return "official"          # a CSV manifest that ships its split
+        return customary[0]
+    return "speaker"                   # several corpora pooled: a speaker split over all of them
+
+
+def _assign(protocol: str, items: list[corpora.Item], cfg: PrepareConfig, names: list[str]) -> splits.Assignment:
+    if protocol == "cross_corpus":
+        corpus_of = [it.path.split("/", 1)[0] for it in items]
+        return splits.cross_corpus([it.speaker for it in items], corpus_of, cfg.test_corpus, cfg.split_fractions,
+                                   cfg.split_seed)
+    return splits.assign(protocol, speakers=[it.speaker for it in items], labels=[it.label for it in items],
+                         sessions=[it.session for it in items], official=[it.split for it in items],
+                         fractions=cfg.split_fractions, seed=cfg.split_seed, val_speakers=cfg.val_speakers)
 
 
 def _reusable_rows(existing: cache_lib.FeatureSet | None, feat: features.FeatureConfig,
@@ -182,8 +262,15 @@ def summary(fs: cache_lib.FeatureSet) -> str:
     for c, name in enumerate(fs.classes):
         counts = [int(np.sum((fs.y == c) & (fs.split == code))) for code in cache_lib.SPLIT_CODES.values()]
         lines.append(f"{name:<12}" + "".join(f"{n:>8}" for n in counts))
-    spk = [sum(1 for s in m["split_of_speaker"].values() if s == name) for name in cache_lib.SPLIT_CODES]
+    spk = [len(np.unique(fs.speaker[fs.split == code])) for code in cache_lib.SPLIT_CODES.values()]
     lines.append(f"{'speakers':<12}" + "".join(f"{n:>8}" for n in spk))
+    protocol = m.get("protocol", "speaker")
+    note = f"protocol {protocol}"
+    if fs.n_folds > 1:
+        note += f": {fs.n_folds} folds, table shows fold {m.get('fold', 0)}"
+    if not m.get("speaker_independent", True):
+        note += "; NOT speaker-independent (speakers appear in several splits)"
+    lines.append(note)
     if m["skipped"]:
         lines.append(f"skipped {len(m['skipped'])} file(s):")
         lines += [f"  {s['path']}: {s['reason']}" for s in m["skipped"][:20]]
@@ -197,19 +284,31 @@ def main(argv):
     f = flags.FLAGS
     cfg = PrepareConfig(
         corpus=f.corpus, emotions=tuple(f.emotions or ()), split_fractions=tuple(float(v) for v in f.split),
-        split_seed=f.split_seed, workers=f.workers, strict=f.strict,
+        split_seed=f.split_seed, workers=f.workers, strict=f.strict, protocol=f.protocol,
+        val_speakers=f.val_speakers, test_corpus=f.test_corpus, label_map=tuple(f.label_map or ()),
         features=features.FeatureConfig(sample_rate=f.sample_rate, n_fft=f.n_fft, hop_length=f.hop_length,
                                         n_mels=f.n_mels, fmin=f.fmin, fmax=f.fmax, clip_seconds=f.clip_seconds))
-    print(summary(prepare(f.root, f.out, cfg)))
+    try:
+        print(summary(prepare(f.root, f.out, cfg)))
+    except (ValueError, FileNotFoundError) as e:   # CorpusError / CacheError are ValueErrors
+        import sys
+
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def define_flags(flags_module, root_required: bool = True) -> None:
     """Data-prep flags, shared by this command and the experiment runner."""
     F = flags_module
-    F.DEFINE_string("corpus", "embedded", f"corpus layout: {', '.join(sorted(corpora.REGISTRY))}")
+    F.DEFINE_string("corpus", "embedded", f"corpus layout, or several comma-separated: {', '.join(sorted(corpora.REGISTRY))}")
     F.DEFINE_list("emotions", [], "emotions to keep, in class order (empty: the corpus's default set)")
-    F.DEFINE_list("split", ["0.4", "0.3", "0.3"], "train,val,test fractions of speakers")
-    F.DEFINE_integer("split_seed", 0, "seed of the speaker split")
+    F.DEFINE_enum("protocol", "default", list(splits.PROTOCOLS),
+                  "evaluation protocol (default: the corpus's customary one; see the README's corpus table)")
+    F.DEFINE_list("split", ["0.4", "0.3", "0.3"], "train,val,test fractions (of speakers; of clips for utterance)")
+    F.DEFINE_integer("split_seed", 0, "seed of the split / of each fold's validation speakers")
+    F.DEFINE_integer("val_speakers", 1, "loso / loso_session: validation speakers per fold")
+    F.DEFINE_string("test_corpus", "", "several --corpus names: the one that tests (cross-corpus protocol)")
+    F.DEFINE_list("label_map", [], "from:to label renames applied to every corpus, e.g. calm:neutral")
     F.DEFINE_integer("workers", 0, "decode processes (0: all cores)")
     F.DEFINE_bool("strict", False, "fail instead of skipping files that cannot be used")
     F.DEFINE_integer("sample_rate", 16000, "target sample rate (Hz)")
@@ -225,7 +324,7 @@ if __name__ == "__main__":
     from absl import app, flags as absl_flags
 
     define_flags(absl_flags)
-    absl_flags.DEFINE_string("root", None, "corpus folder as the corpus ships it")
+    absl_flags.DEFINE_string("root", None, "corpus folder as the corpus ships it (several: comma-separated, as --corpus)")
     absl_flags.DEFINE_string("out", None, "feature cache folder to write")
     absl_flags.mark_flags_as_required(["root", "out"])
     app.run(main)
