@@ -25,7 +25,9 @@ flags.DEFINE_bool("overwrite", False, "redo a finished run / replace a run made 
 flags.DEFINE_bool("progress", True, "progress bars")
 # --- data --------------------------------------------------------------------------------------
 prepare.define_flags(flags)
-flags.DEFINE_string("corpus_dir", "", "corpus folder ('' with --corpus=embedded: <workdir>/corpus, generated)")
+flags.DEFINE_string("corpus_dir", "", "corpus folder ('' with --corpus=embedded: <workdir>/corpus, generated); "
+                    "several corpora: comma-separated, in --corpus order")
+flags.DEFINE_integer("fold", -1, "fold protocols (loso, loso_session): run this fold only (-1: every fold, then aggregate)")
 flags.DEFINE_string("cache_dir", "", "feature cache folder ('' -> <workdir>/cache)")
 flags.DEFINE_integer("embedded_speakers", 30, "embedded corpus: speakers (the paper's DEMoS: 68)")
 flags.DEFINE_integer("embedded_utterances", 10, "embedded corpus: utterances per speaker and emotion")
@@ -100,8 +102,10 @@ def config_from_flags() -> pipeline.RunConfig:
         workdir=F.workdir, stages=stages, seed=F.seed, overwrite=F.overwrite, progress=F.progress,
         corpus=F.corpus, corpus_dir=F.corpus_dir, cache_dir=F.cache_dir,
         embedded_speakers=F.embedded_speakers, embedded_utterances=F.embedded_utterances,
+        fold=F.fold,
         prepare={"emotions": tuple(F.emotions), "split_fractions": split, "split_seed": F.split_seed,
-                 "workers": F.workers, "strict": F.strict,
+                 "workers": F.workers, "strict": F.strict, "protocol": F.protocol, "val_speakers": F.val_speakers,
+                 "test_corpus": F.test_corpus, "label_map": tuple(F.label_map),
                  "features": {"sample_rate": F.sample_rate, "n_fft": F.n_fft, "hop_length": F.hop_length,
                               "n_mels": F.n_mels, "fmin": F.fmin, "fmax": F.fmax, "clip_seconds": F.clip_seconds}},
         model={"name": F.model, "width": F.width, "depth": F.depth, "width_mult": F.width_mult, "norm": F.norm,

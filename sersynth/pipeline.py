@@ -44,7 +44,9 @@ class RunConfig:
     progress: bool = True
     # data
     corpus: str = "embedded"
-    corpus_dir: str = ""                  # "" -> <workdir>/corpus (embedded corpus is generated there)
+    corpus_dir: str = ""                  # "" -> <workdir>/corpus (embedded corpus is generated there);
+                                          # several corpora: comma-separated, in --corpus order
+    fold: int = -1                        # fold protocols: -1 every fold (then aggregate), else this fold
     cache_dir: str = ""                   # "" -> <workdir>/cache
     embedded_speakers: int = 30
     embedded_utterances: int = 10
@@ -79,7 +81,7 @@ class RunConfig:
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
-        for volatile in ("stages", "overwrite", "progress"):
+        for volatile in ("stages", "overwrite", "progress", "fold"):
             d.pop(volatile)
         return d
 
@@ -144,8 +146,10 @@ def stage_prepare(cfg: RunConfig) -> cache_lib.FeatureSet:
             n_speakers=cfg.embedded_speakers, utterances=cfg.embedded_utterances,
             emotions=tuple(pcfg.emotions) or synth_corpus.PAPER_EMOTIONS, seed=cfg.seed,
             sample_rate=max(feat.sample_rate, 16000)), progress=cfg.progress)
-    elif not p["corpus"].is_dir():
-        raise RunError(f"--corpus_dir {p['corpus']} does not exist")
+    else:
+        missing = [d for d in str(p["corpus"]).split(",") if not Path(d).is_dir()]
+        if missing:
+            raise RunError(f"--corpus_dir {','.join(missing)} does not exist")
     fs = prepare.prepare(p["corpus"], p["cache"], pcfg, progress=cfg.progress)
     logging.info("feature cache %s\n%s", p["cache"], prepare.summary(fs))
     return fs
@@ -313,7 +317,8 @@ def stage_evaluate(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Exp
               "model": fm.spec.to_json(), "n_params": fm.n_params, "backend": jax.default_backend(),
               "devices": [str(d) for d in jax.devices()], "jax_version": jax.__version__,
               "results": {k: r.to_json() for k, r in results.items()}, "summary": summary,
-              "protocol": "model selection on validation speakers; test speakers read once for this report"}
+              "protocol": fs.manifest.get("protocol", "speaker"), "fold": fs.manifest.get("fold", 0),
+              "model_selection": "on the validation split; the test split is read once, for this report"}
 
     p = cfg.paths
     rows = [json.loads(line) for line in p["metrics"].read_text().splitlines()] if p["metrics"].is_file() else []
@@ -332,10 +337,82 @@ def stage_evaluate(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Exp
 
 
 def run(cfg: RunConfig) -> dict | None:
-    """Runs the requested stages in order; each later stage loads what an earlier run wrote."""
+    """Runs the requested stages in order; each later stage loads what an earlier run wrote.
+
+    With a cross-validation protocol (the cache has several folds) every fold (or ``cfg.fold``) runs
+    in ``<workdir>/fold<k>/`` on the shared cache; folds already evaluated are reused, so an
+    interrupted run resumes, and folds can be run apart (``--fold=k``, e.g. one per machine) and
+    aggregated by a final run of all folds. The aggregate report pools every fold's seeds.
+    """
     cfg.validate()
     check_workdir(cfg)
     fs = stage_prepare(cfg) if "prepare" in cfg.stages else cache_lib.load(cfg.paths["cache"])
+    if fs.n_folds == 1 and cfg.fold <= 0:
+        return _run_stages(cfg, fs)
+    try:
+        folds = [fs.select_fold(cfg.fold).manifest["fold"]] if cfg.fold >= 0 else list(range(fs.n_folds))
+    except cache_lib.CacheError as e:
+        raise RunError(str(e)) from None
+    stages = tuple(s for s in cfg.stages if s != "prepare")
+    if not stages:
+        return None
+    reports = {}
+    for k in folds:
+        sub = dataclasses.replace(cfg, workdir=str(Path(cfg.workdir) / f"fold{k}"), cache_dir=str(cfg.paths["cache"]),
+                                  stages=stages, fold=k)
+        done = sub.paths["report"]
+        if done.is_file() and "evaluate" in stages and not cfg.overwrite and sub.paths["config"].is_file() \
+                and read_json(sub.paths["config"]) == json.loads(json.dumps(sub.to_json(), default=list)):
+            logging.info("fold %d: evaluated already (%s), reused", k, done)
+            reports[k] = read_json(done)
+            continue
+        logging.info("fold %d of %d: %s", k + 1, fs.n_folds, fs.manifest["fold_info"][k])
+        check_workdir(sub)
+        reports[k] = _run_stages(sub, fs.select_fold(k))
+    if "evaluate" not in stages:
+        return None
+    finished = {k: read_json(Path(cfg.workdir) / f"fold{k}" / "report.json") for k in range(fs.n_folds)
+                if (Path(cfg.workdir) / f"fold{k}" / "report.json").is_file()}
+    if len(finished) < fs.n_folds:
+        logging.info("%d of %d folds evaluated; run --fold=-1 (all) once the others are done to aggregate",
+                     len(finished), fs.n_folds)
+        return reports[folds[-1]]
+    report = aggregate_folds(finished, fs.manifest)
+    report["artifacts"] = {"plots": [str(report_lib.plot_folds(report, cfg.paths["plots"] / "folds_test_uar.png")
+                                         .relative_to(cfg.workdir))]}
+    atomic_write_json(cfg.paths["report"], report)
+    print(report_lib.summary_table(report))
+    return report
+
+
+def aggregate_folds(reports: dict[int, dict], manifest: dict) -> dict:
+    """Pools per-seed scores of every fold (so mean = mean of fold means), sums confusions, averages
+    the summary; keeps each fold's test UAR per setting."""
+    first = reports[min(reports)]
+    results = {}
+    for name in first["results"]:
+        rs = [reports[k]["results"][name] for k in sorted(reports)]
+        splits_ = list(rs[0]["uar"])
+        r = eval_lib.Result(name, {s: sum((x["uar"][s] for x in rs), []) for s in splits_},
+                            {s: sum((x["wa"][s] for x in rs), []) for s in splits_},
+                            {s: np.sum([x["confusion"][s] for x in rs], axis=0).tolist() for s in splits_},
+                            float(sum(x["train_seconds"] for x in rs)), int(round(np.mean([x["n_train"] for x in rs]))),
+                            {"folds": len(rs)})
+        results[name] = r.to_json()
+    summary = {k: float(np.mean([reports[f]["summary"][k] for f in reports]))
+               for k, v in first["summary"].items() if isinstance(v, (int, float))}
+    full = results["full_data"]["test_uar_mean"]
+    summary["uar_ratio_fixed"] = results["distilled_fixed_init"]["test_uar_mean"] / max(full, 1e-9)
+    summary["uar_ratio_random"] = results["distilled_random_init"]["test_uar_mean"] / max(full, 1e-9)
+    per_fold = [{"fold": k, **manifest["fold_info"][k],
+                 "test_uar": {n: reports[k]["results"][n]["test_uar_mean"] for n in reports[k]["results"]}}
+                for k in sorted(reports)]
+    return {**{k: first[k] for k in ("corpus", "classes", "model", "n_params", "backend", "devices", "jax_version")},
+            "cache_hash": manifest["hash"], "protocol": manifest.get("protocol"), "n_folds": len(reports),
+            "results": results, "summary": summary, "folds": per_fold}
+
+
+def _run_stages(cfg: RunConfig, fs: cache_lib.FeatureSet) -> dict | None:
     if "experts" in cfg.stages:
         ex = stage_experts(cfg, fs)
     elif {"distill", "evaluate"} & set(cfg.stages):

@@ -112,6 +112,21 @@ def render_audio(x: np.ndarray, labels: np.ndarray, classes: list[str], mel_mean
     return out
 
 
+def plot_folds(report: dict, path: Path) -> Path:
+    """Test UAR of each training setting in each cross-validation fold (grouped bars)."""
+    plt = _plt()
+    folds = report["folds"]
+    names = list(report["results"])
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(folds) + 2), 3.6))
+    width = 0.8 / len(names)
+    for j, name in enumerate(names):
+        ax.bar(np.arange(len(folds)) + j * width, [f["test_uar"][name] * 100 for f in folds], width, label=name)
+    ax.set_xticks(np.arange(len(folds)) + 0.4 - width / 2, [str(f.get("test", f["fold"])) for f in folds], rotation=30)
+    ax.set(ylabel="test UAR (%)", title=f"{report.get('protocol')} folds: test UAR per setting")
+    ax.legend(fontsize=7, ncol=2)
+    return _save(fig, path)
+
+
 def summary_table(report: dict) -> str:
     """Console table of validation/test UAR and WA (mean +- std over seeds) per training setting."""
     lines = [f"{'training set':<26}{'n':>7}{'val UAR':>16}{'test UAR':>16}{'test WA':>16}{'train s':>9}"]
@@ -121,6 +136,8 @@ def summary_table(report: dict) -> str:
                      f"{r['test_uar_mean'] * 100:>10.1f} ± {r['test_uar_std'] * 100:<3.1f}"
                      f"{r['test_wa_mean'] * 100:>10.1f} ± {r['test_wa_std'] * 100:<3.1f}{r['train_seconds']:>9.1f}")
     s = report["summary"]
+    if "n_folds" in report:
+        lines.append(f"{report['protocol']}: {report['n_folds']} folds, seeds of every fold pooled")
     lines.append(f"distilled (fixed init) / full-data test UAR: {s['uar_ratio_fixed']:.3f}   "
                  f"(random init: {s['uar_ratio_random']:.3f})   distilled set = {s['fraction_of_train'] * 100:.2f}% "
                  f"of the training clips, {s['storage_ratio_features'] * 100:.2f}% of their feature bytes, "
