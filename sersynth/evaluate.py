@@ -26,13 +26,15 @@ class Result:
     train_seconds: float                 # wall time to train all seeds (compile included)
     n_train: int
     extra: dict = dataclasses.field(default_factory=dict)
+    params: object = dataclasses.field(default=None, repr=False)   # trained [S, P] (not written to JSON)
 
     def mean_std(self, split: str, metric: str = "uar") -> tuple[float, float]:
         v = np.asarray(getattr(self, metric)[split])
         return float(v.mean()), float(v.std())
 
     def to_json(self) -> dict:
-        out = dataclasses.asdict(self)
+        out = dataclasses.asdict(dataclasses.replace(self, params=None))
+        out.pop("params")
         for split in self.uar:
             for metric in ("uar", "wa"):
                 m, s = self.mean_std(split, metric)
@@ -52,15 +54,16 @@ def score(fm: FlatModel, params, eval_sets: dict, n_classes: int):
 
 def train_and_score(name: str, fm: FlatModel, cfg: train.TrainConfig, x, targets, inits, key, eval_sets: dict,
                     n_classes: int, *, lr: float | None = None, parallel: str | None = None,
-                    epoch_mode: str | None = None, progress: bool = False, **extra) -> Result:
-    """Trains ``len(inits)`` models on ``(x, targets)`` and scores them on each of ``eval_sets``."""
+                    epoch_mode: str | None = None, progress: bool = False, mesh=None, **extra) -> Result:
+    """Trains ``len(inits)`` models on ``(x, targets)`` (spread over ``mesh`` if given) and scores
+    them on each of ``eval_sets``."""
     t0 = time.perf_counter()
     params, _, _ = train.fit(fm, cfg, x, targets, jax.numpy.asarray(inits), key, lr=lr, parallel=parallel,
-                             epoch_mode=epoch_mode, progress=progress, desc=name)
+                             epoch_mode=epoch_mode, progress=progress, desc=name, mesh=mesh)
     jax.block_until_ready(params)
     seconds = time.perf_counter() - t0
     uar, wa, cm = score(fm, params, eval_sets, n_classes)
-    return Result(name, uar, wa, cm, seconds, int(np.asarray(x).shape[0]), dict(extra))
+    return Result(name, uar, wa, cm, seconds, int(np.asarray(x).shape[0]), dict(extra), params)
 
 
 def random_subset(y: np.ndarray, per_class: int, n_classes: int, rng: np.random.Generator) -> np.ndarray:

@@ -127,6 +127,28 @@ def plot_folds(report: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
+def plot_privacy(audit: dict, path: Path) -> Path:
+    """Histogram of distances to the closest training clip (synthetic vs unseen real speech) and the
+    membership-inference AUC of each model family."""
+    plt = _plt()
+    d = audit["dcr"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
+    bins = np.linspace(0, max(max(d["synthetic"]), max(d["holdout"])) * 1.02, 40)
+    axes[0].hist(d["holdout"], bins, alpha=0.6, density=True, label="real clips of unseen speakers")
+    axes[0].hist(d["synthetic"], bins, alpha=0.6, density=True, label="distilled samples")
+    axes[0].axvline(d["holdout_p1"], color="k", ls="--", lw=0.8, label="1st percentile, unseen real")
+    axes[0].set(title="distance to the closest training clip (RMS, normalised log-Mel)", xlabel="distance")
+    axes[0].legend(fontsize=7)
+    mia = audit["membership_inference"]
+    names = list(mia)
+    axes[1].bar(range(len(names)), [mia[n]["auc_mean"] for n in names], yerr=[mia[n]["auc_std"] for n in names],
+                color=["tab:red", "tab:blue", "tab:cyan"][:len(names)])
+    axes[1].axhline(0.5, color="k", ls="--", lw=0.8)
+    axes[1].set_xticks(range(len(names)), [n.replace("_", " ") for n in names], fontsize=8)
+    axes[1].set(title="membership inference (loss threshold): AUC, 0.5 = no leak", ylim=(0.3, 1.0))
+    return _save(fig, path)
+
+
 def summary_table(report: dict) -> str:
     """Console table of validation/test UAR and WA (mean +- std over seeds) per training setting."""
     lines = [f"{'training set':<26}{'n':>7}{'val UAR':>16}{'test UAR':>16}{'test WA':>16}{'train s':>9}"]
@@ -142,4 +164,10 @@ def summary_table(report: dict) -> str:
                  f"(random init: {s['uar_ratio_random']:.3f})   distilled set = {s['fraction_of_train'] * 100:.2f}% "
                  f"of the training clips, {s['storage_ratio_features'] * 100:.2f}% of their feature bytes, "
                  f"{s['storage_ratio_audio'] * 100:.3f}% of their audio bytes")
+    if "dcr_median_synthetic" in s:
+        lines.append(f"privacy: median distance to the closest training clip {s['dcr_median_synthetic']:.3f} "
+                     f"(unseen real speech: {s['dcr_median_holdout']:.3f}; random/herding subsets: 0), "
+                     f"{s['dcr_frac_below_holdout_p1'] * 100:.1f}% of distilled samples nearer than 99% of unseen "
+                     f"clips; membership-inference AUC full data {s['mia_auc_full_data']:.3f}, distilled "
+                     f"{s['mia_auc_distilled']:.3f} (0.5 = no leak)")
     return "\n".join(lines)
