@@ -12,7 +12,7 @@ import sys
 
 from absl import app, flags, logging
 
-from sersynth import distill, pipeline, train
+from sersynth import dist, distill, pipeline, train
 from sersynth.data import prepare
 
 F = flags.FLAGS
@@ -68,12 +68,15 @@ flags.DEFINE_float("lr_init", 1e-3, "initial learnable inner lr (paper: 1e-3)")
 flags.DEFINE_float("outer_momentum", 0.5, "momentum of the outer SGD optimisers")
 flags.DEFINE_bool("learn_labels", False, "learn soft labels too")
 flags.DEFINE_float("lr_labels", 2.0, "SGD step on the soft-label logits")
-flags.DEFINE_enum("syn_init", "real", ["real", "noise"], "synthetic set initialisation")
+flags.DEFINE_enum("syn_init", "real", ["real", "mix", "noise"],
+                  "synthetic set initialisation: real clips (MTT), means of --syn_init_mix real clips, or noise")
+flags.DEFINE_integer("syn_init_mix", 8, "--syn_init=mix: real clips of the class averaged per synthetic sample")
 flags.DEFINE_bool("syn_augment", True, "differentiable SpecAugment in the inner loop (and in evaluation)")
 flags.DEFINE_enum("remat", "nested", list(distill.REMAT), "rematerialisation of the inner loop")
 flags.DEFINE_integer("remat_segment", 0, "steps per checkpointed segment (nested); 0: divisor of syn_steps nearest its sqrt")
 flags.DEFINE_integer("scan_unroll", 0, "inner scan unroll factor; 0: per backend (full on CPU, 1 on GPU/TPU)")
-flags.DEFINE_integer("mesh_devices", 0, "shard the synthetic set over this many devices (0: one device)")
+flags.DEFINE_integer("mesh_devices", 0, "spread the experts, the synthetic set and the evaluation seeds over this many "
+                     "devices (0: one device)")
 flags.DEFINE_string("coordinator_address", "", "multi-host: host:port of process 0 (enables jax.distributed)")
 flags.DEFINE_integer("num_processes", 1, "multi-host: number of processes")
 flags.DEFINE_integer("process_id", 0, "multi-host: this process's index")
@@ -87,6 +90,8 @@ flags.DEFINE_list("eval_lr_grid", ["0.3", "1", "3"], "random-subset baseline: ex
 flags.DEFINE_enum("eval_optimizer", "learned_sgd", ["learned_sgd", "expert"],
                   "training on distilled/subset data: SGD with the learned lr (MTT) or the experts' optimiser (paper)")
 flags.DEFINE_integer("render_per_class", 2, "Griffin-Lim WAV renders per class")
+flags.DEFINE_bool("privacy_audit", True, "distances of the distilled set to the closest training clips and a "
+                  "membership-inference attack on full-data vs distilled-trained models (report.json 'privacy')")
 
 
 def config_from_flags() -> pipeline.RunConfig:
@@ -120,21 +125,18 @@ def config_from_flags() -> pipeline.RunConfig:
             ipc=F.ipc, syn_steps=F.syn_steps, expert_epochs=F.expert_epochs, max_start_epoch=F.max_start_epoch,
             batch_syn=F.batch_syn, iterations=F.iterations, lr_img=F.lr_img, momentum=F.outer_momentum,
             lr_init=F.lr_init, lr_lr=F.lr_lr, learn_labels=F.learn_labels, lr_labels=F.lr_labels, init=F.syn_init,
+            init_mix=F.syn_init_mix,
             augment=F.syn_augment, remat=F.remat, segment=F.remat_segment, unroll=F.scan_unroll),
         mesh_devices=F.mesh_devices, eval_every=F.eval_every, checkpoint_every=F.checkpoint_every, log_every=F.log_every,
         eval_seeds=F.eval_seeds, eval_epochs=F.eval_epochs, eval_lr_grid=lr_grid, eval_optimizer=F.eval_optimizer,
-        render_per_class=F.render_per_class)
+        render_per_class=F.render_per_class, privacy_audit=F.privacy_audit)
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     try:
-        if F.coordinator_address:
-            import jax
-
-            jax.distributed.initialize(coordinator_address=F.coordinator_address, num_processes=F.num_processes,
-                                       process_id=F.process_id)
+        dist.initialize(F.coordinator_address, F.num_processes, F.process_id)
         cfg = config_from_flags()
         pipeline.run(cfg)
     except (pipeline.RunError, ValueError, FileNotFoundError, FileExistsError, distill.DistillDiverged) as e:

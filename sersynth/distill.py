@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from sersynth import dist
 from sersynth.io import atomic_save_npz, load_npz
 from sersynth.models import FlatModel
 from sersynth.train import augment, soft_cross_entropy
@@ -59,7 +60,8 @@ class DistillConfig:
     lr_lr: float = 1e-3             # SGD step on log(lr)
     learn_labels: bool = False      # learnable soft labels
     lr_labels: float = 2.0          # SGD step on the label logits
-    init: str = "real"              # real (random real samples of the class) | noise
+    init: str = "real"              # real (random real samples of the class) | mix (means of init_mix) | noise
+    init_mix: int = 8               # mix: real samples of the class averaged into each synthetic sample
     augment: bool = False           # differentiable SpecAugment inside the inner loop
     remat: str = "nested"           # none | step | nested
     segment: int = 0                # steps per checkpointed segment (nested); 0 = divisor nearest sqrt
@@ -74,7 +76,8 @@ class DistillConfig:
             (self.batch_syn >= 0, f"--batch_syn must be >= 0, got {self.batch_syn}"),
             (self.iterations >= 1, f"--iterations must be >= 1, got {self.iterations}"),
             (self.lr_img > 0 and self.lr_init > 0 and self.lr_lr >= 0, "--lr_img and --lr_init must be > 0, --lr_lr >= 0"),
-            (self.init in ("real", "noise"), f"--syn_init must be real or noise, got {self.init!r}"),
+            (self.init in ("real", "mix", "noise"), f"--syn_init must be real, mix or noise, got {self.init!r}"),
+            (self.init_mix >= 1, f"--syn_init_mix must be >= 1, got {self.init_mix}"),
             (self.remat in REMAT, f"--remat must be one of {', '.join(REMAT)}, got {self.remat!r}"),
             (self.segment >= 0 and self.unroll >= 0, "--remat_segment and --scan_unroll must be >= 0"),
             (not self.segment or self.syn_steps % self.segment == 0,
@@ -127,17 +130,31 @@ def targets_of(state_params: dict, labels: jax.Array, n_classes: int) -> jax.Arr
 
 def init_state(cfg: DistillConfig, x_train: np.ndarray, y_train: np.ndarray, n_classes: int,
                key: jax.Array) -> DistillState:
-    """Synthetic set of ``ipc`` per class: random real training samples of that class, or noise."""
+    """Synthetic set of ``ipc`` per class: random real training samples of that class (``real``);
+    the mean of ``init_mix`` of them, rescaled to their average spread (``mix``: no sample starts
+    as anyone's recording, see sersynth.privacy); or noise."""
     labels = np.repeat(np.arange(n_classes, dtype=np.int32), cfg.ipc)
-    if cfg.init == "real":
+    if cfg.init in ("real", "mix"):
+        k = 1 if cfg.init == "real" else cfg.init_mix
         chosen = []
         for c in range(n_classes):
             pool = np.flatnonzero(np.asarray(y_train) == c)
             if pool.size == 0:
                 raise ValueError(f"class {c} has no training samples to initialise the synthetic set from")
             kc = jax.random.fold_in(key, c)
-            chosen.append(np.asarray(jax.random.choice(kc, pool, (cfg.ipc,), replace=pool.size < cfg.ipc)))
-        x = np.asarray(x_train)[np.concatenate(chosen)]
+            if k == 1:
+                chosen.append(np.asarray(jax.random.choice(kc, pool, (cfg.ipc,), replace=pool.size < cfg.ipc)))
+            else:
+                keys = jax.random.split(kc, cfg.ipc)
+                chosen.append(np.stack([np.asarray(jax.random.choice(kk, pool, (k,), replace=pool.size < k))
+                                        for kk in keys]))
+        idx = np.concatenate(chosen)                                    # [n_syn] or [n_syn, k]
+        x = np.asarray(x_train)[idx]
+        if k > 1:
+            spread = x.std(axis=(2, 3)).mean(axis=1)                    # [n_syn]: the clips' average spread
+            x = x.mean(axis=1)
+            centre = x.mean(axis=(1, 2), keepdims=True)
+            x = centre + (x - centre) * (spread / (x.std(axis=(1, 2)) + 1e-6))[:, None, None]
     else:
         x = np.asarray(jax.random.normal(key, (labels.size, *np.asarray(x_train).shape[1:])))
     params = {"x": jnp.asarray(x, jnp.float32), "log_lr": jnp.asarray(math.log(cfg.lr_init), jnp.float32)}
@@ -276,7 +293,7 @@ def shard_state(state: DistillState, mesh: jax.sharding.Mesh) -> DistillState:
 
 def save_checkpoint(path: str | Path, state: DistillState, extra: dict[str, np.ndarray] | None = None) -> None:
     leaves = jax.tree.leaves(state)
-    arrays = {f"leaf_{i:04d}": np.asarray(leaf) for i, leaf in enumerate(leaves)}
+    arrays = {f"leaf_{i:04d}": dist.to_host(leaf) for i, leaf in enumerate(leaves)}
     atomic_save_npz(path, {**arrays, **(extra or {})})
 
 

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from sersynth import train
-from sersynth.io import atomic_save_npz, atomic_write_json, fingerprint, load_npz, read_json
+from sersynth.io import atomic_save_npz, atomic_write_json, fingerprint, load_npz, read_json, is_writer
 from sersynth.models import FlatModel, ModelSpec
 
 STORAGE_DTYPES = ("float32", "float16")
@@ -49,8 +49,12 @@ def _meta(spec: ModelSpec, cfg: train.TrainConfig, cache_hash: str, n_experts: i
 def train_experts(fm: FlatModel, cfg: train.TrainConfig, x_train, y_train, n_classes: int, n_experts: int,
                   seed: int, out_dir: str | Path, *, cache_hash: str, storage_dtype: str = "float32",
                   parallel: str | None = None, epoch_mode: str | None = None, eval_set=None,
-                  progress: bool = True) -> Experts:
-    """Trains (or resumes, or reuses) ``n_experts`` experts and writes them to ``out_dir``."""
+                  progress: bool = True, mesh=None) -> Experts:
+    """Trains (or resumes, or reuses) ``n_experts`` experts and writes them to ``out_dir``.
+
+    Expert i always draws from the key ``fold_in(seed, 1 + i)``, so vmap, loop and a device mesh
+    give the same experts. Finished chunks (all experts under vmap; one per device under loop) are
+    kept, so an interrupted run resumes."""
     from tqdm import tqdm
 
     if storage_dtype not in STORAGE_DTYPES:
@@ -61,7 +65,7 @@ def train_experts(fm: FlatModel, cfg: train.TrainConfig, x_train, y_train, n_cla
     if (out / "meta.json").is_file() and read_json(out / "meta.json").get("fingerprint") == tag:
         return load(out)
     parallel = parallel or train.default_parallel()
-    chunk = n_experts if parallel == "vmap" else 1
+    chunk = n_experts if parallel == "vmap" else (1 if mesh is None else min(mesh.devices.size, n_experts))
     root = jax.random.key(seed)
     inits = fm.init_many(jax.random.split(jax.random.fold_in(root, 0), n_experts))
     targets = train.one_hot(y_train, n_classes)
@@ -72,9 +76,11 @@ def train_experts(fm: FlatModel, cfg: train.TrainConfig, x_train, y_train, n_cla
             z = load_npz(part)
         else:
             t0 = time.perf_counter()
-            _, loss, traj = train.fit(fm, cfg, x_train, targets, inits[c0:c0 + chunk],
-                                      jax.random.fold_in(root, 1 + c0), parallel=parallel, epoch_mode=epoch_mode,
-                                      record=True, progress=progress, desc=f"expert {c0}" if chunk == 1 else "experts")
+            ids = np.arange(c0, min(c0 + chunk, n_experts))
+            keys = jax.vmap(lambda i: jax.random.fold_in(root, 1 + i))(jax.numpy.asarray(ids))
+            _, loss, traj = train.fit(fm, cfg, x_train, targets, inits[ids], keys, parallel=parallel,
+                                      epoch_mode=epoch_mode, record=True, progress=progress, mesh=mesh,
+                                      desc=f"expert {c0}" if chunk == 1 else "experts")
             z = {"params": traj.astype(storage_dtype), "losses": loss,
                  "seconds": np.array(time.perf_counter() - t0)}
             atomic_save_npz(part, z)
@@ -91,7 +97,7 @@ def train_experts(fm: FlatModel, cfg: train.TrainConfig, x_train, y_train, n_cla
         meta["final_val_uar"] = [train.uar(y_eval, p, n_classes) for p in pred]
     atomic_save_npz(out / "trajectories.npz", {"params": params, "losses": np.concatenate(losses)})
     atomic_write_json(out / "meta.json", meta)
-    for p in out.glob(f"chunk_{tag}_*.npz"):
+    for p in out.glob(f"chunk_{tag}_*.npz") if is_writer() else ():
         p.unlink()
     return Experts(params, meta)
 

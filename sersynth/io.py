@@ -11,8 +11,22 @@ from typing import Any, Mapping
 import numpy as np
 
 
+_WRITER = True   # False on every process but 0 of a multi-host run (sersynth.dist): it writes nothing
+
+
+def set_writer(flag: bool) -> None:
+    global _WRITER
+    _WRITER = bool(flag)
+
+
+def is_writer() -> bool:
+    return _WRITER
+
+
 def _atomic(path: str | os.PathLike, write) -> Path:
     path = Path(path)
+    if not _WRITER:
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

@@ -19,9 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from sersynth import dist
 from sersynth import distill as distill_lib
 from sersynth import evaluate as eval_lib
 from sersynth import experts as experts_lib
+from sersynth import privacy
 from sersynth import report as report_lib
 from sersynth import train
 from sersynth.data import cache as cache_lib
@@ -60,7 +62,7 @@ class RunConfig:
     epoch_mode: str = ""                  # "" -> per backend
     # distillation
     distill: distill_lib.DistillConfig = distill_lib.DistillConfig()
-    mesh_devices: int = 0                 # shard the synthetic set over this many devices (0/1: one device)
+    mesh_devices: int = 0                 # spread experts, the synthetic set and evaluation seeds over N devices
     eval_every: int = 0                   # validation evaluation of the synthetic set every N iterations
     checkpoint_every: int = 50
     log_every: int = 10
@@ -70,6 +72,7 @@ class RunConfig:
     eval_lr_grid: tuple[float, ...] = (0.3, 1.0, 3.0)   # subset baseline lr = expert lr x each, chosen on val
     eval_optimizer: str = "learned_sgd"   # learned_sgd (MTT) | expert (the experts' optimiser, the paper)
     render_per_class: int = 2
+    privacy_audit: bool = True            # distances to the closest training clip + membership inference
 
     @property
     def paths(self) -> dict[str, Path]:
@@ -110,6 +113,8 @@ class RunConfig:
 
 
 def _log_metrics(path: Path, row: dict) -> None:
+    if not dist.is_writer():
+        return
     with open(path, "a") as f:
         f.write(json.dumps({"time": round(time.time(), 3), **row}) + "\n")
 
@@ -126,7 +131,7 @@ def check_workdir(cfg: RunConfig) -> None:
                            "use another --workdir or --overwrite")
         if p["report"].is_file() and "evaluate" in cfg.stages and not cfg.overwrite and set(cfg.stages) == set(STAGES):
             raise RunError(f"{cfg.workdir} holds a finished run (report.json); use --overwrite to redo it")
-    if cfg.overwrite:
+    if cfg.overwrite and dist.is_writer():
         for key in ("experts", "distill", "plots", "audio"):
             shutil.rmtree(p[key], ignore_errors=True)
         for key in ("report", "metrics"):
@@ -169,7 +174,8 @@ def stage_experts(cfg: RunConfig, fs: cache_lib.FeatureSet) -> experts_lib.Exper
     ex = experts_lib.train_experts(
         fm, cfg.expert_train, x, y, fs.n_classes, cfg.n_experts, cfg.seed, cfg.paths["experts"],
         cache_hash=fs.hash, storage_dtype=cfg.trajectory_dtype, parallel=cfg.parallel or None,
-        epoch_mode=cfg.epoch_mode or None, eval_set=fs.subset("val"), progress=cfg.progress)
+        epoch_mode=cfg.epoch_mode or None, eval_set=fs.subset("val"), progress=cfg.progress,
+        mesh=distill_lib.data_mesh(cfg.mesh_devices))
     logging.info("experts: %d x %d epochs, %d parameters, val UAR %s", cfg.n_experts, ex.n_epochs,
                  fm.n_params, np.round(ex.meta.get("final_val_uar", []), 3))
     return ex
@@ -194,7 +200,7 @@ def _train_small(cfg, fm, x, targets, lr, inits, key, eval_sets, n_classes, name
     """Trains on a small set (distilled or a real subset) with :func:`_eval_config` and scores it."""
     return eval_lib.train_and_score(name, fm, _eval_config(cfg, x.shape[0]), x, targets, inits, key, eval_sets,
                                     n_classes, lr=lr, parallel=cfg.parallel or None,
-                                    epoch_mode=cfg.epoch_mode or None)
+                                    epoch_mode=cfg.epoch_mode or None, mesh=distill_lib.data_mesh(cfg.mesh_devices))
 
 
 def stage_distill(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Experts) -> dict:
@@ -212,8 +218,8 @@ def stage_distill(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Expe
     def evaluate(state):
         targets = distill_lib.targets_of(state.params, state.labels, fs.n_classes)
         lr = _syn_lr(cfg, float(jnp.exp(state.params["log_lr"])))
-        r = _train_small(cfg, fm, state.params["x"], targets, lr, inits, jax.random.key(cfg.seed + 7), val,
-                         fs.n_classes, "val")
+        r = _train_small(cfg, fm, dist.to_host(state.params["x"]), dist.to_host(targets), lr, inits,
+                         jax.random.key(cfg.seed + 7), val, fs.n_classes, "val")
         return r.mean_std("val")[0]
 
     t0 = time.perf_counter()
@@ -226,8 +232,8 @@ def stage_distill(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Expe
     seconds = time.perf_counter() - t0
     chosen = best
     selected = max(evaluations, key=lambda e: e["score"])["step"] if evaluations else cfg.distill.iterations
-    targets = np.asarray(distill_lib.targets_of(chosen.params, chosen.labels, fs.n_classes))
-    out = {"x": np.asarray(chosen.params["x"]), "labels": np.asarray(chosen.labels), "targets": targets,
+    targets = dist.to_host(distill_lib.targets_of(chosen.params, chosen.labels, fs.n_classes))
+    out = {"x": dist.to_host(chosen.params["x"]), "labels": dist.to_host(chosen.labels), "targets": targets,
            "lr": np.asarray(jnp.exp(chosen.params["log_lr"]))}
     atomic_save_npz(dist_dir / "distilled.npz", out)
     meta = {"model": fm.spec.to_json(), "cache_hash": fs.hash, "experts": ex.meta["fingerprint"],
@@ -292,6 +298,16 @@ def stage_evaluate(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Exp
     herd.extra["lr"] = best.extra["lr"]
     results["herding_subset_fixed_init"] = herd
 
+    audit = None
+    if cfg.privacy_audit:
+        x_hold = np.concatenate([sets["val"][0], sets["test"][0]])
+        y_hold = np.concatenate([sets["val"][1], sets["test"][1]])
+        audit = privacy.audit(fm, x_syn, x_tr, y_tr, x_hold, y_hold,
+                              {"full_data": jnp.asarray(ex.params[:, -1], jnp.float32),
+                               "distilled_fixed_init": results["distilled_fixed_init"].params,
+                               "distilled_random_init": results["distilled_random_init"].params},
+                              seed=cfg.seed)
+
     full_feature_bytes = int(x_tr.nbytes)
     files = fs.manifest["files"]
     train_audio_bytes = int(sum(f.get("bytes", 0) for f in files if f["split"] == "train"))
@@ -313,10 +329,16 @@ def stage_evaluate(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Exp
         "learned_lr": lr, "ipc": ipc, "selected_iteration": distilled["meta"]["selected_iteration"],
         "distill_seconds": distilled["meta"]["seconds"],
     }
+    if audit is not None:
+        d, mia = audit["dcr"], audit["membership_inference"]
+        summary.update({"dcr_median_synthetic": d["median_synthetic"], "dcr_median_holdout": d["median_holdout"],
+                        "dcr_frac_below_holdout_p1": d["frac_synthetic_below_holdout_p1"],
+                        "mia_auc_full_data": mia["full_data"]["auc_mean"],
+                        "mia_auc_distilled": mia["distilled_fixed_init"]["auc_mean"]})
     report = {"corpus": fs.manifest["corpus"], "classes": classes, "cache_hash": fs.hash,
               "model": fm.spec.to_json(), "n_params": fm.n_params, "backend": jax.default_backend(),
               "devices": [str(d) for d in jax.devices()], "jax_version": jax.__version__,
-              "results": {k: r.to_json() for k, r in results.items()}, "summary": summary,
+              "results": {k: r.to_json() for k, r in results.items()}, "summary": summary, "privacy": audit,
               "protocol": fs.manifest.get("protocol", "speaker"), "fold": fs.manifest.get("fold", 0),
               "model_selection": "on the validation split; the test split is read once, for this report"}
 
@@ -328,8 +350,11 @@ def stage_evaluate(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Exp
                                          "distilled, fixed init (test)": results["distilled_fixed_init"].confusion["test"],
                                          "random subset (test)": results["random_subset_fixed_init"].confusion["test"]},
                                         classes, p["plots"] / "confusion_test.png")]
+    if audit is not None:
+        plots.append(report_lib.plot_privacy(audit, p["plots"] / "privacy.png"))
     audio = report_lib.render_audio(x_syn, distilled["labels"], classes, fs.mel_mean, fs.mel_std,
-                                    fs.manifest["features"], p["audio"], cfg.render_per_class)
+                                    fs.manifest["features"], p["audio"], cfg.render_per_class) \
+        if dist.is_writer() else []
     report["artifacts"] = {"plots": [str(x.relative_to(cfg.workdir)) for x in plots],
                            "audio": [str(x.relative_to(cfg.workdir)) for x in audio]}
     atomic_write_json(p["report"], report)
@@ -346,7 +371,10 @@ def run(cfg: RunConfig) -> dict | None:
     """
     cfg.validate()
     check_workdir(cfg)
-    fs = stage_prepare(cfg) if "prepare" in cfg.stages else cache_lib.load(cfg.paths["cache"])
+    # multi-host: process 0 prepares (and generates the embedded corpus); the others load its cache
+    fs = stage_prepare(cfg) if "prepare" in cfg.stages and dist.is_writer() else None
+    dist.barrier("prepare")
+    fs = fs or cache_lib.load(cfg.paths["cache"])
     if fs.n_folds == 1 and cfg.fold <= 0:
         return _run_stages(cfg, fs)
     try:
@@ -381,7 +409,8 @@ def run(cfg: RunConfig) -> dict | None:
     report["artifacts"] = {"plots": [str(report_lib.plot_folds(report, cfg.paths["plots"] / "folds_test_uar.png")
                                          .relative_to(cfg.workdir))]}
     atomic_write_json(cfg.paths["report"], report)
-    print(report_lib.summary_table(report))
+    if dist.is_writer():
+        print(report_lib.summary_table(report))
     return report
 
 
@@ -413,16 +442,21 @@ def aggregate_folds(reports: dict[int, dict], manifest: dict) -> dict:
 
 
 def _run_stages(cfg: RunConfig, fs: cache_lib.FeatureSet) -> dict | None:
+    # Barriers: in a multi-host run every process decides "resume or compute" from the same files.
+    dist.barrier(f"{cfg.workdir}:experts")
     if "experts" in cfg.stages:
         ex = stage_experts(cfg, fs)
     elif {"distill", "evaluate"} & set(cfg.stages):
         ex = experts_lib.load(cfg.paths["experts"])
+    dist.barrier(f"{cfg.workdir}:distill")
     if "distill" in cfg.stages:
         distilled = stage_distill(cfg, fs, ex)
     elif "evaluate" in cfg.stages:
         distilled = load_distilled(cfg)
+    dist.barrier(f"{cfg.workdir}:evaluate")
     if "evaluate" in cfg.stages:
         report = stage_evaluate(cfg, fs, ex, distilled)
-        print(report_lib.summary_table(report))
+        if dist.is_writer():
+            print(report_lib.summary_table(report))
         return report
     return None

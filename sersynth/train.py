@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from sersynth import dist
 from sersynth.models import FlatModel
 
 PARALLEL = ("vmap", "loop")
@@ -151,14 +152,19 @@ def one_hot(y: np.ndarray, n_classes: int) -> np.ndarray:
 
 def fit(fm: FlatModel, cfg: TrainConfig, x, targets, init: jax.Array, key: jax.Array, *,
         parallel: str | None = None, epoch_mode: str | None = None, record: bool = False,
-        lr: float | None = None, progress: bool = False, desc: str = "train"):
+        lr: float | None = None, progress: bool = False, desc: str = "train", mesh=None):
     """Trains ``S = init.shape[0]`` models on the same data, each with its own batch order.
 
     Args:
+      key: one key (split into one per model) or ``[S]`` keys, one per model.
       x: ``[N, frames, n_mels]``; targets: ``[N, C]`` class probabilities; init: ``[S, P]``.
       parallel: ``vmap`` (one program for all models) or ``loop`` (one model after another).
       epoch_mode: ``scan`` (one jitted epoch) or ``host`` (a host loop of jitted steps).
       record: also return the parameters after every epoch, ``[S, epochs + 1, P]`` (numpy float32).
+      mesh: spread the models over this 1-D device mesh. ``vmap``: the stacked models are sharded
+        along their leading axis (padded with repeats to a multiple of the devices, then cut) and
+        ``jit`` partitions the program; ``loop``: model i lives on device ``i % devices`` and the
+        asynchronous dispatch runs the devices side by side. Results match one device.
     Returns:
       ``(params [S, P], losses [S, epochs], trajectory or None)``.
     """
@@ -176,17 +182,35 @@ def fit(fm: FlatModel, cfg: TrainConfig, x, targets, init: jax.Array, key: jax.A
     lr = jnp.float32(cfg.lr if lr is None else lr)
     tx, vunit, junit, perms = _compiled(fm, cfg, n, batch, parallel, epoch_mode)
     n_models = init.shape[0]
+    model_keys = key if jnp.ndim(key) == 1 else jax.random.split(key, n_models)
+    n_run = n_models                                     # models trained (> n_models: mesh padding)
     if parallel == "vmap":
+        if mesh is not None:
+            n_run = -(-n_models // mesh.devices.size) * mesh.devices.size
+            pad = lambda a: jnp.concatenate([a, a[jnp.arange(n_run - n_models) % n_models]]) if n_run > n_models else a
+            rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh.axis_names[0]))
+            every = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+            init, model_keys = jax.device_put(pad(jnp.asarray(init)), rows), pad(model_keys)
+            x, targets = jax.device_put(x, every), jax.device_put(targets, every)
         run = lambda p, o, *a: vunit(p, o, x, targets, *a, lr)
         params, opt_state = init, jax.vmap(tx.init)(init)
     else:
-        def run(p, o, *a):
-            out = [junit(p[i], o[i], x, targets, *(v[i] for v in a), lr) for i in range(n_models)]
-            return [r[0] for r in out], [r[1] for r in out], jnp.stack([r[2] for r in out])
+        # this process's devices of the mesh (in a multi-host run each process trains every model)
+        devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()] if mesh is not None \
+            else []
+        devices = devices or [None]
+        on = lambda i: devices[i % len(devices)]
+        xs = {d: (x, targets) if d is None else (jax.device_put(x, d), jax.device_put(targets, d)) for d in devices}
 
-        params, opt_state = [init[i] for i in range(n_models)], [tx.init(init[i]) for i in range(n_models)]
-    model_keys = jax.random.split(key, n_models)
-    traj = [np.asarray(init, np.float32)] if record else None
+        def run(p, o, *a):
+            out = [junit(p[i], o[i], *xs[on(i)], *(v[i] for v in a), lr) for i in range(n_models)]
+            # losses gathered on one device by asynchronous copies: no host sync per step
+            return [r[0] for r in out], [r[1] for r in out], jnp.stack(
+                [r[2] if devices[0] is None else jax.device_put(r[2], devices[0]) for r in out])
+
+        params = [init[i] if on(i) is None else jax.device_put(init[i], on(i)) for i in range(n_models)]
+        opt_state = [tx.init(p) for p in params]
+    traj = [np.asarray(init, np.float32)[:n_models]] if record else None
     losses = []
     for e in tqdm(range(cfg.epochs), desc=desc, unit="epoch", disable=not progress, leave=False):
         ekeys = jax.vmap(lambda k: jax.random.fold_in(k, e))(model_keys)
@@ -201,11 +225,19 @@ def fit(fm: FlatModel, cfg: TrainConfig, x, targets, init: jax.Array, key: jax.A
                 params, opt_state, l_ = run(params, opt_state, idx[:, s_], skeys)
                 step_losses.append(l_)
             loss = jnp.mean(jnp.stack(step_losses), axis=0)
-        losses.append(loss)
+        losses.append(loss[:n_models])
         if record:
-            traj.append(np.asarray(jnp.stack(params) if parallel == "loop" else params, np.float32))
-    final = jnp.stack(params) if parallel == "loop" else params
+            traj.append(_gather(params, parallel, n_models))
+    final = jnp.asarray(_gather(params, parallel, n_models)) if mesh is not None else \
+        (jnp.stack(params) if parallel == "loop" else params)
     return final, np.asarray(jnp.stack(losses, axis=1)), (np.stack(traj, axis=1) if record else None)
+
+
+def _gather(params, parallel: str, n_models: int) -> np.ndarray:
+    """``[n_models, P]`` float32 on the host from stacked (possibly sharded, padded) or listed params."""
+    if parallel == "loop":
+        return np.stack([np.asarray(p, np.float32) for p in params])
+    return dist.to_host(params).astype(np.float32)[:n_models]
 
 
 _COMPILED: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()

@@ -52,6 +52,12 @@ def test_end_to_end_run_writes_every_artifact(finished_run):
     assert s["ipc"] == 2 and s["fraction_of_train"] == pytest.approx(6 / report["results"]["full_data"]["n_train"])
     assert 0 < s["storage_ratio_features"] < 1 and 0 < s["storage_ratio_audio"] < 1
     assert s["learned_lr"] > 0
+    priv = report["privacy"]
+    assert len(priv["dcr"]["synthetic"]) == 6 and priv["dcr"]["median_holdout"] > 0
+    assert set(priv["membership_inference"]) == {"full_data", "distilled_fixed_init", "distilled_random_init"}
+    assert all(0 <= m["auc_mean"] <= 1 for m in priv["membership_inference"].values())
+    assert s["mia_auc_full_data"] == priv["membership_inference"]["full_data"]["auc_mean"]
+    assert "privacy: median distance" in proc.stdout
     for rel in report["artifacts"]["plots"] + report["artifacts"]["audio"]:
         assert (workdir / rel).stat().st_size > 0
     assert len(report["artifacts"]["audio"]) == 3
