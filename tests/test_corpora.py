@@ -103,6 +103,7 @@ def test_tess_two_speakers_get_an_utterance_split(tmp_path):
     for c in range(2):
         assert sorted(np.bincount(fs.split[fs.y == c], minlength=3)) == [2, 2, 2]
     assert "NOT speaker-independent" in prepare.summary(fs)
+    assert "clips per speaker: min 6 (OAF), median 6, max 6 (OAF)" in prepare.summary(fs)
 
 
 def test_emodb_24bit_float_and_flac(tmp_path):

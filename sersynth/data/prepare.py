@@ -264,6 +264,10 @@ def summary(fs: cache_lib.FeatureSet) -> str:
         lines.append(f"{name:<12}" + "".join(f"{n:>8}" for n in counts))
     spk = [len(np.unique(fs.speaker[fs.split == code])) for code in cache_lib.SPLIT_CODES.values()]
     lines.append(f"{'speakers':<12}" + "".join(f"{n:>8}" for n in spk))
+    per_speaker = np.bincount(fs.speaker, minlength=len(m["speakers"]))
+    lo, hi = int(per_speaker.argmin()), int(per_speaker.argmax())
+    lines.append(f"clips per speaker: min {per_speaker[lo]} ({m['speakers'][lo]}), median "
+                 f"{int(np.median(per_speaker))}, max {per_speaker[hi]} ({m['speakers'][hi]})")
     protocol = m.get("protocol", "speaker")
     note = f"protocol {protocol}"
     if fs.n_folds > 1:
