@@ -43,6 +43,11 @@ def test_ravdess(tmp_path):
     assert fs.x.shape[0] == 9 and fs.classes == ["neutral", "anger", "surprise"]
     assert any("RAVDESS scheme" in s["reason"] for s in fs.manifest["skipped"])
     assert fs.manifest["features"]["sample_rate"] == 16000
+    _wav(root / "Actor_03" / "03-01-04-01-01-01-03.wav", 9, sr=44100)             # not RAVDESS's 48 kHz
+    fs = _prepare(root, "ravdess", tmp_path, emotions=("neutral", "anger", "surprise", "sadness"))
+    odd = fs.manifest["unexpected_sample_rates"]
+    assert [o["path"] for o in odd] == ["Actor_03/03-01-04-01-01-01-03.wav"] and "44100 Hz where" in odd[0]["note"]
+    assert "1 file(s) at an unexpected sample rate" in prepare.summary(fs) and fs.x.shape[0] == 10
 
 
 def test_cremad_with_demographics_and_empty_clip(tmp_path):

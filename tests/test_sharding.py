@@ -38,13 +38,17 @@ print("sharded == single")
 """
 
 
-def test_sharded_distillation_matches_single_device():
+def _run_on_4_cpu_devices(script: str, done: str) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "sharded == single" in proc.stdout
+    assert done in proc.stdout
+
+
+def test_sharded_distillation_matches_single_device():
+    _run_on_4_cpu_devices(SCRIPT, "sharded == single")
 
 
 MODELS_SCRIPT = """
@@ -82,12 +86,7 @@ print("models sharded == single")
 
 
 def test_experts_and_seeds_sharded_over_devices_match_single_device():
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    proc = subprocess.run([sys.executable, "-c", MODELS_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "models sharded == single" in proc.stdout
+    _run_on_4_cpu_devices(MODELS_SCRIPT, "models sharded == single")
 
 
 def test_two_process_run_matches_one_process_with_the_same_devices(tmp_path):

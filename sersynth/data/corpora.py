@@ -30,6 +30,7 @@ class Corpus:
     scan: Callable[[Path], tuple[list[Item], list[dict]]]
     default_emotions: tuple[str, ...]
     protocol: str = "speaker"          # customary protocol, used by --protocol=default (see splits.py)
+    sample_rate: int = 0               # documented native rate (Hz); other rates are noted, 0: not documented
 
 
 class CorpusError(ValueError):
@@ -345,6 +346,9 @@ def _names(parse, under: str, corpus: str, codes: dict, hint: str):
     return lambda root: _scan_names(root, _wavs(root, under), corpus, parse, codes, hint)
 
 
+# Native sample rates, from each corpus's documentation: RAVDESS 48 kHz, CREMA-D 16 kHz, EmoDB 16 kHz
+# (as distributed), TESS 24.414 kHz, SAVEE 44.1 kHz, EMOVO 48 kHz, ShEMO 44.1 kHz, IEMOCAP 16 kHz,
+# MSP-Podcast 16 kHz. Files at another rate are resampled like the rest and listed in the manifest.
 # Customary protocols (--protocol=default): the paper's 40/30/30 speaker split for DEMoS and the
 # larger acted corpora; leave-one-speaker-out for the small ones (EmoDB 10, EMOVO 6, SAVEE 4
 # speakers); leave-one-session-out for IEMOCAP; the shipped split for MSP-Podcast; an utterance
@@ -353,26 +357,27 @@ REGISTRY: dict[str, Corpus] = {
     "demos": Corpus("demos", "DEMoS Italian elicited emotional speech (68 speakers)", _scan_demos,
                     ("anger", "disgust", "fear", "guilt", "happiness", "sadness", "surprise")),
     "ravdess": Corpus("ravdess", "RAVDESS speech, 24 actors", _names(_parse_ravdess, "", "RAVDESS", _RAVDESS_CODES,
-                      "Actor_NN/03-01-EE-II-SS-RR-AA.wav"), ("neutral", "calm", *SIX)),
+                      "Actor_NN/03-01-EE-II-SS-RR-AA.wav"), ("neutral", "calm", *SIX), sample_rate=48000),
     "cremad": Corpus("cremad", "CREMA-D, 91 actors", _scan_cremad, ("anger", "disgust", "fear", "happiness",
-                     "neutral", "sadness")),
+                     "neutral", "sadness"), sample_rate=16000),
     "emodb": Corpus("emodb", "Berlin EmoDB, 10 speakers", _names(_parse_emodb, "wav", "EmoDB", _EMODB_CODES,
-                    "wav/SSTTTEV.wav"), ("anger", "boredom", "disgust", "fear", "happiness", "sadness", "neutral"), "loso"),
+                    "wav/SSTTTEV.wav"), ("anger", "boredom", "disgust", "fear", "happiness", "sadness", "neutral"),
+                    "loso", sample_rate=16000),
     "tess": Corpus("tess", "Toronto emotional speech set, 2 speakers", _names(_parse_tess, "", "TESS", _TESS_CODES,
                    "<OAF|YAF>_<word>_<emotion>.wav"), ("anger", "disgust", "fear", "happiness", "neutral",
-                                                       "surprise", "sadness"), "utterance"),
+                                                       "surprise", "sadness"), "utterance", sample_rate=24414),
     "savee": Corpus("savee", "SAVEE, 4 male speakers", _scan_savee, ("anger", "disgust", "fear", "happiness",
-                    "neutral", "sadness", "surprise"), "loso"),
+                    "neutral", "sadness", "surprise"), "loso", sample_rate=44100),
     "emovo": Corpus("emovo", "EMOVO Italian, 6 actors", _names(_parse_emovo, "", "EMOVO", _DEMOS_EMOTION,
                     "<f1..m3>/<emo>-<spk>-<sentence>.wav"), ("anger", "disgust", "fear", "happiness", "neutral",
-                                                             "sadness", "surprise"), "loso"),
+                                                             "sadness", "surprise"), "loso", sample_rate=48000),
     "shemo": Corpus("shemo", "ShEMO Persian, 87 speakers", _names(_parse_shemo, "", "ShEMO", _SHEMO_CODES,
                     "<male|female>/<G><NN><E><NN>.wav"), ("anger", "fear", "happiness", "neutral", "sadness",
-                                                          "surprise")),
+                                                          "surprise"), sample_rate=44100),
     "iemocap": Corpus("iemocap", "IEMOCAP, 5 sessions x 2 speakers", _scan_iemocap,
-                      ("anger", "happiness", "neutral", "sadness"), "loso_session"),
+                      ("anger", "happiness", "neutral", "sadness"), "loso_session", sample_rate=16000),
     "msppodcast": Corpus("msppodcast", "MSP-Podcast, podcast speaking turns", _scan_msppodcast,
-                         ("anger", "happiness", "neutral", "sadness"), "official"),
+                         ("anger", "happiness", "neutral", "sadness"), "official", sample_rate=16000),
     "csv": Corpus("csv", "any corpus listed in <root>/manifest.csv (path,label,speaker)", _scan_csv, ()),
 }
 # The embedded corpus is written in the DEMoS layout.

@@ -39,17 +39,17 @@ def _file_digest(path: Path) -> str:
     return hashlib.blake2b(path.read_bytes(), digest_size=12).hexdigest()
 
 
-def _probe(path: str) -> tuple[float, str]:
-    """Duration in seconds, or (0, reason) when the file cannot be used."""
+def _probe(path: str) -> tuple[float, str, int]:
+    """(duration in seconds, "", sample rate), or (0, reason, 0) when the file cannot be used."""
     import soundfile as sf
 
     try:
         info = sf.info(path)
     except Exception as e:  # noqa: BLE001 - any decoder failure is a per-file skip reason
-        return 0.0, f"does not decode: {str(e).splitlines()[0][:120]}"
+        return 0.0, f"does not decode: {str(e).splitlines()[0][:120]}", 0
     if info.frames == 0:
-        return 0.0, "zero-length audio"
-    return info.frames / info.samplerate, ""
+        return 0.0, "zero-length audio", 0
+    return info.frames / info.samplerate, "", int(info.samplerate)
 
 
 def _extract(args: tuple[str, int, features.FeatureConfig]) -> tuple[np.ndarray | None, str]:
@@ -74,7 +74,7 @@ def prepare(root: str | Path, out_dir: str | Path, cfg: PrepareConfig = PrepareC
     if len(names) != len(roots):
         raise ValueError(f"--corpus names {len(names)} corpora but {len(roots)} folder(s) were given")
     label_map = _label_map(cfg.label_map)
-    items, skipped, where, protocols = [], [], {}, []
+    items, skipped, where, protocols, native = [], [], {}, [], {}
     for name, r in zip(names, roots):
         if not r.is_dir():
             raise FileNotFoundError(f"corpus folder {r} does not exist")
@@ -86,6 +86,7 @@ def prepare(root: str | Path, out_dir: str | Path, cfg: PrepareConfig = PrepareC
                                      speaker=prefix + it.speaker, session=it.session and prefix + it.session)
             items.append(it)
             where[it.path] = r / it.path[len(prefix):]
+            native[it.path] = corpus.sample_rate
         skipped += [{**sk, "path": prefix + sk["path"]} for sk in skips]
         protocols.append(corpus.protocol)
     emotions = tuple(cfg.emotions) or _default_emotions(names, items, label_map)
@@ -115,9 +116,12 @@ def prepare(root: str | Path, out_dir: str | Path, cfg: PrepareConfig = PrepareC
             existing = None  # broken or foreign cache: rebuild it
 
     probes = map_files(_probe, [str(where[it.path]) for it in items], cfg.workers, "probe", progress)
-    keep = []
-    for it, (seconds, reason) in zip(items, probes):
+    keep, odd_rates = [], []
+    for it, (seconds, reason, rate) in zip(items, probes):
         (skipped.append({"path": it.path, "reason": reason}) if reason else keep.append((it, seconds)))
+        if not reason and native[it.path] and rate != native[it.path]:
+            odd_rates.append({"path": it.path, "note": f"{rate} Hz where the corpus ships {native[it.path]} Hz; "
+                                                       f"resampled to {cfg.features.sample_rate} Hz like the rest"})
     if not keep:
         raise corpora.CorpusError(f"{','.join(map(str, roots))}: none of the {len(items)} files could be decoded")
     clip_seconds = cfg.features.clip_seconds or max(s for _, s in keep)
@@ -173,7 +177,7 @@ def prepare(root: str | Path, out_dir: str | Path, cfg: PrepareConfig = PrepareC
                    "bytes": where[it.path].stat().st_size, "digest": digest_of[it.path]}
                   for i, (it, s) in enumerate(rows)],
         "extracted_files": len(todo), "reused_files": len(keep) - len(todo),
-        "skipped": skipped, "excluded_other_emotions": excluded,
+        "skipped": skipped, "excluded_other_emotions": excluded, "unexpected_sample_rates": odd_rates,
         "input_hash": input_hash, "hash": cache_lib.array_hash(arrays),
     }
     # Arrays first, manifest last: a manifest on disk always names arrays that are complete.
@@ -275,6 +279,10 @@ def summary(fs: cache_lib.FeatureSet) -> str:
     if not m.get("speaker_independent", True):
         note += "; NOT speaker-independent (speakers appear in several splits)"
     lines.append(note)
+    odd = m.get("unexpected_sample_rates", [])
+    if odd:
+        lines.append(f"{len(odd)} file(s) at an unexpected sample rate (resampled), e.g. {odd[0]['path']}: "
+                     f"{odd[0]['note']}")
     if m["skipped"]:
         lines.append(f"skipped {len(m['skipped'])} file(s):")
         lines += [f"  {s['path']}: {s['reason']}" for s in m["skipped"][:20]]
