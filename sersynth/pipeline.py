@@ -27,7 +27,7 @@ from sersynth import privacy
 from sersynth import report as report_lib
 from sersynth import train
 from sersynth.data import cache as cache_lib
-from sersynth.io import atomic_save_npz, atomic_write_json, load_npz, read_json
+from sersynth.io import atomic_save_npz, atomic_write_bytes, atomic_write_json, load_npz, read_json
 from sersynth.models import ModelSpec, flat_model
 
 STAGES = ("prepare", "experts", "distill", "evaluate")
@@ -358,6 +358,7 @@ def stage_evaluate(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Exp
     report["artifacts"] = {"plots": [str(x.relative_to(cfg.workdir)) for x in plots],
                            "audio": [str(x.relative_to(cfg.workdir)) for x in audio]}
     atomic_write_json(p["report"], report)
+    atomic_write_bytes(Path(cfg.workdir) / "report.md", report_lib.markdown(report, cfg.to_json()).encode())
     return report
 
 
@@ -409,6 +410,7 @@ def run(cfg: RunConfig) -> dict | None:
     report["artifacts"] = {"plots": [str(report_lib.plot_folds(report, cfg.paths["plots"] / "folds_test_uar.png")
                                          .relative_to(cfg.workdir))]}
     atomic_write_json(cfg.paths["report"], report)
+    atomic_write_bytes(Path(cfg.workdir) / "report.md", report_lib.markdown(report, cfg.to_json()).encode())
     if dist.is_writer():
         print(report_lib.summary_table(report))
     return report

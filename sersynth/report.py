@@ -171,3 +171,66 @@ def summary_table(report: dict) -> str:
                      f"clips; membership-inference AUC full data {s['mia_auc_full_data']:.3f}, distilled "
                      f"{s['mia_auc_distilled']:.3f} (0.5 = no leak)")
     return "\n".join(lines)
+
+
+_SETTINGS = {"full_data": "full training split (the experts)", "distilled_fixed_init": "distilled, fixed init",
+             "distilled_random_init": "distilled, random init", "random_subset_fixed_init": "random real subset",
+             "herding_subset_fixed_init": "herding coreset"}
+
+
+def markdown(report: dict, config: dict) -> str:
+    """``report.md``: what was run and what it gave, in a form to read, share and cite."""
+    import datetime
+
+    s = report["summary"]
+    d = config.get("distill", {})
+    lines = [f"# sersynth run: {report['corpus']}, {report['model']['name']}, {int(s['ipc'])} per class", "",
+             f"{datetime.date.today().isoformat()} · {report['backend']} ({len(report['devices'])} device(s)) · "
+             f"jax {report['jax_version']} · feature cache `{report['cache_hash']}` · protocol `{report['protocol']}`"
+             + (f", {report['n_folds']} folds pooled" if "n_folds" in report else
+                (f", fold {report['fold']}" if report.get("fold") else "")), "",
+             f"Classes: {', '.join(report['classes'])}. Model: `{report['model']['name']}` "
+             f"({report['n_params']:,} parameters). Distillation: matching trajectories (MTT) with "
+             f"{d.get('syn_steps')} inner steps against {d.get('expert_epochs')} expert epoch(s), "
+             f"{d.get('iterations')} outer steps, initialised from `{d.get('init')}`.", "",
+             "| training set | clips | val UAR % | test UAR % | test WA % |", "|---|---|---|---|---|"]
+    for name, r in report["results"].items():
+        lines.append(f"| {_SETTINGS.get(name, name)} | {r['n_train']} | {r['val_uar_mean'] * 100:.1f} ± "
+                     f"{r['val_uar_std'] * 100:.1f} | {r['test_uar_mean'] * 100:.1f} ± {r['test_uar_std'] * 100:.1f}"
+                     f" | {r['test_wa_mean'] * 100:.1f} ± {r['test_wa_std'] * 100:.1f} |")
+    lines += ["", "Mean ± std over seeds (and folds). Model selection used the validation split only.", "",
+              f"- Distilled / full-data test UAR: **{s['uar_ratio_fixed']:.3f}** (fixed init), "
+              f"{s['uar_ratio_random']:.3f} (random init).",
+              f"- Distilled set: {s['fraction_of_train'] * 100:.2f}% of the training clips, "
+              f"{s['storage_ratio_features'] * 100:.2f}% of their feature bytes, "
+              f"{s['storage_ratio_audio'] * 100:.3f}% of their audio bytes.",
+              f"- Distilled minus random subset: {s['distilled_minus_subset_test_uar'] * 100:+.1f} test UAR points; "
+              f"minus herding: {s['distilled_minus_herding_test_uar'] * 100:+.1f}."]
+    if "dcr_median_synthetic" in s:
+        lines += [f"- Privacy: median distance of a distilled sample to its closest training clip "
+                  f"{s['dcr_median_synthetic']:.3f} (unseen speakers' clips: {s['dcr_median_holdout']:.3f}); "
+                  f"{s['dcr_frac_below_holdout_p1'] * 100:.1f}% of distilled samples are nearer than 99% of "
+                  f"unseen clips. Membership-inference AUC: full data {s['mia_auc_full_data']:.3f}, distilled "
+                  f"{s['mia_auc_distilled']:.3f} (0.5 = no leak)."]
+    arts = report.get("artifacts", {})
+    if arts.get("plots"):
+        lines += ["", "## Figures", ""] + [f"![{Path(p).stem}]({p})" for p in arts["plots"]]
+    if arts.get("audio"):
+        lines += ["", "## Listen", ""] + [f"- [{Path(a).stem}]({a})" for a in arts["audio"]]
+    lines += ["", "## Reproduce", "", "`config.json` in this folder holds every setting; "
+              "`python -m experiments.run --flagfile=...` with the same flags reproduces the numbers "
+              "(the runner refuses to mix settings in one folder).", "", "## Cite", "",
+              "Method: Cazenavette et al., *Dataset Distillation by Matching Training Trajectories*, CVPR 2022; "
+              "for speech emotion: Chang et al., *Breaking Resource Barriers in Speech Emotion Recognition via "
+              "Data Distillation*, Interspeech 2025 (arXiv 2406.15119). Software: sersynth "
+              f"{_version()}.", ""]
+    return "\n".join(lines)
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("sersynth")
+    except Exception:  # noqa: BLE001 - not installed (PYTHONPATH=. on an accelerator machine)
+        return "(source tree)"

@@ -245,5 +245,6 @@ def test_runner_runs_every_fold_resumes_and_pools(tmp_path):
         assert r["test_uar_mean"] == pytest.approx(np.mean([p["test_uar_mean"] for p in per_fold]))
     assert report["folds"][1]["test_uar"] == {n: r["test_uar_mean"] for n, r in first["results"].items()}
     assert (tmp_path / "run" / report["artifacts"]["plots"][0]).stat().st_size > 0
+    assert "3 folds pooled" in (tmp_path / "run" / "report.md").read_text()
     proc = run_cli(*common, "--fold=3", "--stage=evaluate", check=False)
     assert proc.returncode == 2 and "--fold=3: the cache has 3 fold(s)" in proc.stderr.strip().splitlines()[-1]

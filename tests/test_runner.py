@@ -58,6 +58,10 @@ def test_end_to_end_run_writes_every_artifact(finished_run):
     assert all(0 <= m["auc_mean"] <= 1 for m in priv["membership_inference"].values())
     assert s["mia_auc_full_data"] == priv["membership_inference"]["full_data"]["auc_mean"]
     assert "privacy: median distance" in proc.stdout
+    md = (workdir / "report.md").read_text()
+    assert "| distilled, fixed init | 6 |" in md and "Membership-inference AUC" in md and "arXiv 2406.15119" in md
+    for link in [p for p in report["artifacts"]["plots"] + report["artifacts"]["audio"]]:
+        assert f"({link})" in md
     for rel in report["artifacts"]["plots"] + report["artifacts"]["audio"]:
         assert (workdir / rel).stat().st_size > 0
     assert len(report["artifacts"]["audio"]) == 3
