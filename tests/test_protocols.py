@@ -248,3 +248,20 @@ def test_runner_runs_every_fold_resumes_and_pools(tmp_path):
     assert "3 folds pooled" in (tmp_path / "run" / "report.md").read_text()
     proc = run_cli(*common, "--fold=3", "--stage=evaluate", check=False)
     assert proc.returncode == 2 and "--fold=3: the cache has 3 fold(s)" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_prepare_command_fails_with_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    for args, message in [(["--corpus=msppodcast", f"--root={tmp_path}"], "error: " + str(tmp_path) + " has no Labels"),
+                          (["--corpus=cremad,ravdess", f"--root={tmp_path}"], "error: --corpus names 2 corpora"),
+                          (["--corpus=emodb", f"--root={tmp_path}", "--label_map=calm"], "error: --label_map entries")]:
+        proc = subprocess.run([sys.executable, "-m", "sersynth.data.prepare", *args, f"--out={tmp_path / 'c'}"],
+                              cwd=root, env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(message), proc.stderr[-500:]
+        assert not (tmp_path / "c").exists()
