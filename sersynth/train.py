@@ -183,10 +183,9 @@ def fit(fm: FlatModel, cfg: TrainConfig, x, targets, init: jax.Array, key: jax.A
     tx, vunit, junit, perms = _compiled(fm, cfg, n, batch, parallel, epoch_mode)
     n_models = init.shape[0]
     model_keys = key if jnp.ndim(key) == 1 else jax.random.split(key, n_models)
-    n_run = n_models                                     # models trained (> n_models: mesh padding)
     if parallel == "vmap":
         if mesh is not None:
-            n_run = -(-n_models // mesh.devices.size) * mesh.devices.size
+            n_run = -(-n_models // mesh.devices.size) * mesh.devices.size   # models trained, padding included
             pad = lambda a: jnp.concatenate([a, a[jnp.arange(n_run - n_models) % n_models]]) if n_run > n_models else a
             rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh.axis_names[0]))
             every = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -210,7 +209,7 @@ def fit(fm: FlatModel, cfg: TrainConfig, x, targets, init: jax.Array, key: jax.A
 
         params = [init[i] if on(i) is None else jax.device_put(init[i], on(i)) for i in range(n_models)]
         opt_state = [tx.init(p) for p in params]
-    traj = [np.asarray(init, np.float32)[:n_models]] if record else None
+    traj = [dist.to_host(init).astype(np.float32)[:n_models]] if record else None
     losses = []
     for e in tqdm(range(cfg.epochs), desc=desc, unit="epoch", disable=not progress, leave=False):
         ekeys = jax.vmap(lambda k: jax.random.fold_in(k, e))(model_keys)

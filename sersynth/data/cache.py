@@ -19,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
+from sersynth.data import splits
 from sersynth.io import load_npz, read_json
 
-SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
+SPLIT_CODES = splits.CODES      # {"train": 0, "val": 1, "test": 2}
 
 
 class CacheError(ValueError):
