@@ -69,9 +69,8 @@ class FeatureSet:
             return self
         split = self.folds[k]
         x, mean, std = normalise(self.x * self.mel_std + self.mel_mean, split == SPLIT_CODES["train"])
-        names = list(SPLIT_CODES)
         m = dict(self.manifest, fold=k, hash=f"{self.manifest['hash']}-fold{k}",
-                 files=[dict(f, split=names[c]) for f, c in zip(self.manifest["files"], split)])
+                 files=[dict(f, split=splits.SPLITS[c]) for f, c in zip(self.manifest["files"], split)])
         return dataclasses.replace(self, x=x, split=split, mel_mean=mean, mel_std=std, manifest=m)
 
 

@@ -21,7 +21,6 @@ import numpy as np
 SPLITS = ("train", "val", "test")
 CODES = {name: i for i, name in enumerate(SPLITS)}
 PROTOCOLS = ("default", "speaker", "loso", "loso_session", "official", "utterance", "cross_corpus")
-FOLD_PROTOCOLS = ("loso", "loso_session")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,15 +42,20 @@ def speaker_split(speakers: list[str], fractions: tuple[float, float, float], se
     if len(unique) < 3:
         raise ValueError(f"a speaker-independent split needs >= 3 speakers, the corpus has {len(unique)}; "
                          "use --protocol=utterance for a split that is not speaker-independent")
-    f = _fractions(fractions)
     order = np.random.default_rng(seed).permutation(len(unique))
-    n = len(unique)
-    n_train = int(np.clip(round(f[0] * n), 1, n - 2))
-    n_val = int(np.clip(round(f[1] * n), 1, n - n_train - 1))
+    n_train, n_val = _cut(len(unique), fractions)
     out = {}
     for rank, idx in enumerate(order):
         out[unique[idx]] = "train" if rank < n_train else ("val" if rank < n_train + n_val else "test")
     return out
+
+
+def _cut(n: int, fractions) -> tuple[int, int]:
+    """How many of ``n`` (>= 3) items train and validate under ``fractions``; at least one each, and
+    at least one left to test."""
+    f = _fractions(fractions)
+    n_train = int(np.clip(round(f[0] * n), 1, n - 2))
+    return n_train, int(np.clip(round(f[1] * n), 1, n - n_train - 1))
 
 
 def _fractions(fractions) -> np.ndarray:
@@ -63,7 +67,7 @@ def _fractions(fractions) -> np.ndarray:
 
 def utterance_split(labels: list[str], fractions: tuple[float, float, float], seed: int) -> np.ndarray:
     """Class-stratified seeded split of clips (speakers may appear in several splits)."""
-    f = _fractions(fractions)
+    _fractions(fractions)                               # validated before any class is cut
     out = np.zeros(len(labels), np.int8)
     rng = np.random.default_rng(seed)
     arr = np.asarray(labels)
@@ -72,8 +76,7 @@ def utterance_split(labels: list[str], fractions: tuple[float, float, float], se
         if idx.size < 3:
             raise ValueError(f"class {label!r} has {idx.size} clip(s); an utterance split needs >= 3 per class")
         idx = rng.permutation(idx)
-        n_train = int(np.clip(round(f[0] * idx.size), 1, idx.size - 2))
-        n_val = int(np.clip(round(f[1] * idx.size), 1, idx.size - n_train - 1))
+        n_train, n_val = _cut(idx.size, fractions)
         out[idx[n_train:n_train + n_val]] = CODES["val"]
         out[idx[n_train + n_val:]] = CODES["test"]
     return out
