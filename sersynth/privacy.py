@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sersynth import train
 from sersynth.models import FlatModel
 
 
@@ -61,14 +62,10 @@ def dcr(x_syn: np.ndarray, x_train: np.ndarray, x_holdout: np.ndarray, max_holdo
 
 def per_clip_loss(fm: FlatModel, params: jax.Array, x: np.ndarray, y: np.ndarray, chunk: int = 512) -> np.ndarray:
     """Cross-entropy ``[S, N]`` of each of ``S`` models (stacked flat params) on each clip."""
-    @jax.jit
-    def loss(p, xb, yb):
-        logits = jax.vmap(lambda q: fm.apply(q, xb))(p)
-        return -jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32), -1), yb[None, :, None], -1)[..., 0]
-
-    p = jnp.asarray(params, jnp.float32)
-    return np.concatenate([np.asarray(loss(p, jnp.asarray(x[s:s + chunk]), jnp.asarray(y[s:s + chunk])))
-                           for s in range(0, x.shape[0], chunk)], axis=1)
+    z = train.logits(fm, jnp.asarray(params, jnp.float32), x, chunk).astype(np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    log_p = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    return -np.take_along_axis(log_p, np.asarray(y)[None, :, None], axis=-1)[..., 0]
 
 
 def auc(positive: np.ndarray, negative: np.ndarray) -> float:

@@ -264,12 +264,29 @@ def _compiled(fm: FlatModel, cfg: TrainConfig, n: int, batch: int, parallel: str
     return tx, vunit, junit, perms
 
 
+_FORWARD: "collections.OrderedDict[int, tuple]" = collections.OrderedDict()
+
+
+def logits(fm: FlatModel, params: jax.Array, x, chunk: int = 512) -> np.ndarray:
+    """Float32 logits ``[S, N, C]`` of ``S`` models ``params [S, P]`` on ``x [N, ...]``, in chunks.
+
+    The vmapped forward is jitted once per model (a small LRU, as for training steps), so repeated
+    scoring (evaluation seeds, validation during distillation, the privacy audit) does not recompile."""
+    hit = _FORWARD.get(id(fm))
+    if hit is None or hit[0] is not fm:
+        hit = (fm, jax.jit(jax.vmap(lambda p, xb: fm.apply(p, xb).astype(jnp.float32), in_axes=(0, None))))
+        _FORWARD[id(fm)] = hit
+        while len(_FORWARD) > 16:
+            _FORWARD.popitem(last=False)
+    _FORWARD.move_to_end(id(fm))
+    x = np.asarray(x)
+    return np.concatenate([np.asarray(hit[1](params, jnp.asarray(x[i:i + chunk])))
+                           for i in range(0, x.shape[0], chunk)], axis=1)
+
+
 def predict(fm: FlatModel, params: jax.Array, x, chunk: int = 512) -> np.ndarray:
     """Class predictions ``[S, N]`` of ``S`` models ``params [S, P]`` on ``x [N, ...]``."""
-    fn = jax.jit(jax.vmap(lambda p, xb: jnp.argmax(fm.apply(p, xb), -1), in_axes=(0, None)))
-    x = np.asarray(x)
-    return np.concatenate([np.asarray(fn(params, jnp.asarray(x[i:i + chunk])))
-                           for i in range(0, x.shape[0], chunk)], axis=1)
+    return np.argmax(logits(fm, params, x, chunk), axis=-1)
 
 
 def confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
