@@ -58,6 +58,12 @@ def measure(fm, cfg: distill.DistillConfig, n_classes: int, repeats: int) -> dic
     return row
 
 
+def is_oom(e: Exception) -> bool:
+    """Whether XLA ran out of device memory (at compile or run time)."""
+    text = f"{type(e).__name__}: {e}"
+    return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
+
+
 def main(argv):
     del argv
     env = print_header("distill_step")
@@ -69,12 +75,19 @@ def main(argv):
             for unroll in map(int, F.unroll):
                 cfg = distill.DistillConfig(ipc=F.ipc, syn_steps=steps, expert_epochs=2, max_start_epoch=2,
                                             batch_syn=F.batch_syn, remat=remat, unroll=unroll)
-                rows.append(measure(fm, cfg, F.classes, F.repeats))
+                try:
+                    rows.append(measure(fm, cfg, F.classes, F.repeats))
+                except Exception as e:  # noqa: BLE001 - an out-of-memory row is a result, not the end
+                    if not is_oom(e):
+                        raise
+                    rows.append({"syn_steps": steps, "remat": remat, "unroll": unroll, "n_params": fm.n_params,
+                                 "step_s": "OOM", "error": str(e).splitlines()[0][:200]})
                 print(table(rows[-1:], list(rows[-1])), flush=True)
     print(f"model {F.model} ({fm.n_params} params), input [{F.frames}, {F.n_mels}], {F.classes} classes x ipc "
           f"{F.ipc}, batch_syn {F.batch_syn or 'all'}, {F.compute_dtype}; GFLOP from XLA's cost analysis, "
           "which counts a rolled loop body once (compare GFLOP only between unrolled rows)")
-    print(table(rows, list(rows[0])))
+    columns = max((list(r) for r in rows), key=len)
+    print(table(rows, columns))
     write_json(F.json, {"env": env, "spec": spec.to_json(), "rows": rows})
 
 

@@ -36,6 +36,7 @@ flags.DEFINE_enum("model", "convnet", ["convnet", "cnn6", "vgg15", "resnet9"], "
 flags.DEFINE_integer("width", 128, "convnet: channels")
 flags.DEFINE_integer("depth", 3, "convnet: conv layers")
 flags.DEFINE_float("width_mult", 1.0, "cnn6/vgg15/resnet9: channel multiplier (tiny models: 0.125)")
+flags.DEFINE_integer("kernel_size", 3, "size of the 3x3 convolutions (paper text: 3; its stated CNN-6 size: ~5)")
 flags.DEFINE_enum("norm", "instance", ["instance", "layer", "none"], "normalisation layers")
 flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16", "float16"],
                   "activation dtype (parameters and losses stay float32)")
@@ -63,7 +64,9 @@ flags.DEFINE_integer("max_start_epoch", 30, "start epoch drawn from [0, max_star
 flags.DEFINE_integer("batch_syn", 0, "inner minibatch (0: whole synthetic set)")
 flags.DEFINE_integer("iterations", 60, "outer steps (paper: 60)")
 flags.DEFINE_float("lr_img", 1000.0, "SGD step on the synthetic spectrograms (paper: 1000)")
-flags.DEFINE_float("lr_lr", 1e-3, "SGD step on log(learnable lr)")
+flags.DEFINE_float("lr_lr", 1e-3, "SGD step (momentum --outer_momentum) on the learnable lr (paper, MTT: 1e-3 on the raw lr)")
+flags.DEFINE_enum("lr_param", "raw", ["raw", "log"], "learn the raw inner lr (MTT, the paper) or log(lr)")
+flags.DEFINE_float("lr_min", 1e-6, "floor of the learned raw lr (kept positive; hits are counted and reported)")
 flags.DEFINE_float("lr_init", 1e-3, "initial learnable inner lr (paper: 1e-3)")
 flags.DEFINE_float("outer_momentum", 0.5, "momentum of the outer SGD optimisers")
 flags.DEFINE_bool("learn_labels", False, "learn soft labels too")
@@ -72,7 +75,9 @@ flags.DEFINE_enum("syn_init", "real", ["real", "mix", "noise"],
                   "synthetic set initialisation: real clips (MTT), means of --syn_init_mix real clips, or noise")
 flags.DEFINE_integer("syn_init_mix", 8, "--syn_init=mix: real clips of the class averaged per synthetic sample")
 flags.DEFINE_bool("syn_augment", True, "differentiable SpecAugment in the inner loop (and in evaluation)")
-flags.DEFINE_enum("remat", "nested", list(distill.REMAT), "rematerialisation of the inner loop")
+flags.DEFINE_enum("remat", "auto", list(distill.REMAT_CHOICES),
+                  "rematerialisation of the inner loop; auto: the fastest (none, step, nested) whose compiled step "
+                  "fits the device's free memory")
 flags.DEFINE_integer("remat_segment", 0, "steps per checkpointed segment (nested); 0: divisor of syn_steps nearest its sqrt")
 flags.DEFINE_integer("scan_unroll", 0, "inner scan unroll factor; 0: per backend (full on CPU, 1 on GPU/TPU)")
 flags.DEFINE_integer("mesh_devices", 0, "spread the experts, the synthetic set and the evaluation seeds over this many "
@@ -87,8 +92,15 @@ flags.DEFINE_integer("log_every", 10, "write metrics every N iterations (the onl
 flags.DEFINE_integer("eval_seeds", 5, "random initialisations / random subsets per evaluated setting")
 flags.DEFINE_integer("eval_epochs", 300, "epochs when training on the distilled set or a random subset")
 flags.DEFINE_list("eval_lr_grid", ["0.3", "1", "3"], "random-subset baseline: expert lr multipliers tried on val")
-flags.DEFINE_enum("eval_optimizer", "learned_sgd", ["learned_sgd", "expert"],
-                  "training on distilled/subset data: SGD with the learned lr (MTT) or the experts' optimiser (paper)")
+flags.DEFINE_enum("eval_optimizer", "learned_sgd", list(pipeline.EVAL_OPTIMIZERS),
+                  "training on distilled/subset data: learned_sgd (plain SGD, the learned lr), mtt (MTT's evaluation: "
+                  "momentum 0.9, weight decay 5e-4, learned lr x0.1 at half the epochs) or expert (the experts' "
+                  "optimiser and schedule, the paper)")
+flags.DEFINE_integer("eval_select_every", 0, "when training on distilled/subset data, check validation UAR every N "
+                     "epochs and keep each model at its best (early stopping for every setting alike; 0: last epoch)")
+flags.DEFINE_integer("reference_epochs", 0, "full-data reference models (the ratio's denominator): epochs, each "
+                     "kept at its best validation UAR (0: --expert_train_epochs)")
+flags.DEFINE_integer("eval_batch_size", 0, "minibatch when training on distilled/subset data (0: --expert_batch_size)")
 flags.DEFINE_integer("render_per_class", 2, "Griffin-Lim WAV renders per class")
 flags.DEFINE_bool("privacy_audit", True, "distances of the distilled set to the closest training clips and a "
                   "membership-inference attack on full-data vs distilled-trained models (report.json 'privacy')")
@@ -109,12 +121,13 @@ def config_from_flags() -> pipeline.RunConfig:
         embedded_speakers=F.embedded_speakers, embedded_utterances=F.embedded_utterances,
         fold=F.fold,
         prepare={"emotions": tuple(F.emotions), "split_fractions": split, "split_seed": F.split_seed,
-                 "workers": F.workers, "strict": F.strict, "protocol": F.protocol, "val_speakers": F.val_speakers,
+                 "workers": F.workers, "strict": F.strict, "max_clip_seconds": F.max_clip_seconds,
+                 "protocol": F.protocol, "val_speakers": F.val_speakers,
                  "test_corpus": F.test_corpus, "label_map": tuple(F.label_map),
                  "features": {"sample_rate": F.sample_rate, "n_fft": F.n_fft, "hop_length": F.hop_length,
                               "n_mels": F.n_mels, "fmin": F.fmin, "fmax": F.fmax, "clip_seconds": F.clip_seconds}},
         model={"name": F.model, "width": F.width, "depth": F.depth, "width_mult": F.width_mult, "norm": F.norm,
-               "compute_dtype": F.compute_dtype},
+               "compute_dtype": F.compute_dtype, "kernel": F.kernel_size},
         expert_train=train.TrainConfig(
             optimizer=F.expert_optimizer, lr=F.expert_lr, momentum=F.expert_momentum,
             weight_decay=F.expert_weight_decay, lr_decay=F.expert_lr_decay, lr_decay_every=F.expert_lr_decay_every,
@@ -124,11 +137,13 @@ def config_from_flags() -> pipeline.RunConfig:
         distill=distill.DistillConfig(
             ipc=F.ipc, syn_steps=F.syn_steps, expert_epochs=F.expert_epochs, max_start_epoch=F.max_start_epoch,
             batch_syn=F.batch_syn, iterations=F.iterations, lr_img=F.lr_img, momentum=F.outer_momentum,
-            lr_init=F.lr_init, lr_lr=F.lr_lr, learn_labels=F.learn_labels, lr_labels=F.lr_labels, init=F.syn_init,
+            lr_init=F.lr_init, lr_lr=F.lr_lr, lr_param=F.lr_param, lr_min=F.lr_min, learn_labels=F.learn_labels,
+            lr_labels=F.lr_labels, init=F.syn_init,
             init_mix=F.syn_init_mix,
             augment=F.syn_augment, remat=F.remat, segment=F.remat_segment, unroll=F.scan_unroll),
         mesh_devices=F.mesh_devices, eval_every=F.eval_every, checkpoint_every=F.checkpoint_every, log_every=F.log_every,
         eval_seeds=F.eval_seeds, eval_epochs=F.eval_epochs, eval_lr_grid=lr_grid, eval_optimizer=F.eval_optimizer,
+        eval_batch_size=F.eval_batch_size, eval_select_every=F.eval_select_every, reference_epochs=F.reference_epochs,
         render_per_class=F.render_per_class, privacy_audit=F.privacy_audit)
 
 

@@ -7,15 +7,23 @@ later::
 
     L = ||theta_hat_N - theta*_{s+M}||^2 / ||theta*_s - theta*_{s+M}||^2
 
-and its gradient updates the synthetic spectrograms, ``log lr`` (so the learned rate stays positive
-by construction) and, optionally, learnable soft labels. The whole outer step is one pure jitted
-function. The inner loop is a ``lax.scan``; its memory is bounded by rematerialisation:
+and its gradient updates the synthetic spectrograms, the inner learning rate and, optionally,
+learnable soft labels. As in MTT and the paper, the raw lr is learned by SGD with momentum::
+
+    v <- momentum * v + dL/dlr,    lr <- max(lr - lr_lr * v, lr_min)
+
+(the floor keeps it positive; steps that hit it are counted). ``lr_param="log"`` learns ``log lr``
+instead, whose SGD update is scaled by lr^2 and so barely moves a small lr. The whole outer step is
+one pure jitted function. The inner loop is a ``lax.scan``; its memory is bounded by
+rematerialisation:
 
   * ``none``: the backward pass keeps every inner step's activations (linear in syn_steps).
   * ``step``: each inner step is ``jax.checkpoint``-ed; one parameter vector per step is kept
     (still linear in syn_steps, with a smaller slope).
   * ``nested``: checkpointed segments of ``segment`` steps, each step checkpointed inside; about
     ``syn_steps / segment + segment`` parameter vectors live at once (~2 sqrt(syn_steps)).
+  * ``auto`` (resolved by :func:`distill`): the fastest policy for the backend (:func:`remat_order`)
+    whose compiled outer step, by XLA's own memory analysis, fits the device's free memory.
 
 On XLA CPU convolutions inside a rolled while loop run an order of magnitude slower, so the scans
 are fully unrolled there (``unroll=0`` picks per backend; see benchmarks/RESULTS.md).
@@ -24,6 +32,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -34,11 +44,13 @@ import numpy as np
 import optax
 
 from sersynth import dist
-from sersynth.io import atomic_save_npz, load_npz
+from sersynth.io import atomic_save_npz, fingerprint, load_npz
 from sersynth.models import FlatModel
 from sersynth.train import augment, soft_cross_entropy
 
 REMAT = ("none", "step", "nested")
+REMAT_CHOICES = (*REMAT, "auto")
+LR_PARAMS = ("raw", "log")
 
 
 class DistillDiverged(RuntimeError):
@@ -57,13 +69,15 @@ class DistillConfig:
     lr_img: float = 1000.0          # SGD step on the synthetic data (paper: 1000)
     momentum: float = 0.5           # momentum of the outer optimisers (MTT: 0.5)
     lr_init: float = 1e-3           # initial learnable inner lr (paper: 1e-3)
-    lr_lr: float = 1e-3             # SGD step on log(lr)
+    lr_lr: float = 1e-3             # SGD step on the lr (paper: 1e-3 on the raw lr, as MTT)
+    lr_param: str = "raw"           # raw (MTT, the paper) | log (SGD on log lr)
+    lr_min: float = 1e-6            # raw: floor that keeps the learned lr positive
     learn_labels: bool = False      # learnable soft labels
     lr_labels: float = 2.0          # SGD step on the label logits
     init: str = "real"              # real (random real samples of the class) | mix (means of init_mix) | noise
     init_mix: int = 8               # mix: real samples of the class averaged into each synthetic sample
     augment: bool = False           # differentiable SpecAugment inside the inner loop
-    remat: str = "nested"           # none | step | nested
+    remat: str = "nested"           # none | step | nested | auto (resolved by distill())
     segment: int = 0                # steps per checkpointed segment (nested); 0 = divisor nearest sqrt
     unroll: int = 0                 # scan unroll; 0 = per backend (full on CPU, 1 elsewhere)
 
@@ -76,9 +90,11 @@ class DistillConfig:
             (self.batch_syn >= 0, f"--batch_syn must be >= 0, got {self.batch_syn}"),
             (self.iterations >= 1, f"--iterations must be >= 1, got {self.iterations}"),
             (self.lr_img > 0 and self.lr_init > 0 and self.lr_lr >= 0, "--lr_img and --lr_init must be > 0, --lr_lr >= 0"),
+            (self.lr_param in LR_PARAMS, f"--lr_param must be raw or log, got {self.lr_param!r}"),
+            (0 < self.lr_min < self.lr_init, f"--lr_min must be in (0, --lr_init={self.lr_init}), got {self.lr_min}"),
             (self.init in ("real", "mix", "noise"), f"--syn_init must be real, mix or noise, got {self.init!r}"),
             (self.init_mix >= 1, f"--syn_init_mix must be >= 1, got {self.init_mix}"),
-            (self.remat in REMAT, f"--remat must be one of {', '.join(REMAT)}, got {self.remat!r}"),
+            (self.remat in REMAT_CHOICES, f"--remat must be one of {', '.join(REMAT_CHOICES)}, got {self.remat!r}"),
             (self.segment >= 0 and self.unroll >= 0, "--remat_segment and --scan_unroll must be >= 0"),
             (not self.segment or self.syn_steps % self.segment == 0,
              f"--remat_segment={self.segment} must divide --syn_steps={self.syn_steps}"),
@@ -101,24 +117,35 @@ class DistillConfig:
 
 @flax.struct.dataclass
 class DistillState:
-    params: dict                 # {'x': [n_syn, frames, n_mels], 'log_lr': [], ('y': [n_syn, C] logits)}
+    params: dict                 # {'x': [n_syn, frames, n_mels], 'lr' or 'log_lr': [], ('y': [n_syn, C] logits)}
     opt_state: optax.OptState
     labels: jax.Array            # [n_syn] int32 class of each synthetic sample
     step: jax.Array              # int32 outer steps taken
     n_nonfinite: jax.Array       # int32 outer steps whose loss/gradient was NaN/Inf (skipped)
+    n_lr_floor: jax.Array        # int32 outer steps that left the raw lr at its floor lr_min
+
+
+def _lr_key(cfg: DistillConfig) -> str:
+    return "lr" if cfg.lr_param == "raw" else "log_lr"
 
 
 def _param_names(cfg: DistillConfig) -> dict:
-    return {"x": None, "log_lr": None, **({"y": None} if cfg.learn_labels else {})}
+    return {"x": None, _lr_key(cfg): None, **({"y": None} if cfg.learn_labels else {})}
 
 
 def _tx(cfg: DistillConfig, params: dict) -> optax.GradientTransformation:
+    lr_sgd = optax.sgd(cfg.lr_lr, momentum=cfg.momentum or None)
     transforms = {
         "x": optax.sgd(cfg.lr_img, momentum=cfg.momentum or None),
-        "log_lr": optax.sgd(cfg.lr_lr, momentum=cfg.momentum or None),
+        "lr": lr_sgd, "log_lr": lr_sgd,
         "y": optax.sgd(cfg.lr_labels, momentum=0.9),
     }
     return optax.multi_transform({k: transforms[k] for k in params}, {k: k for k in params})
+
+
+def inner_lr(params: dict) -> jax.Array:
+    """The positive inner learning rate held in ``params`` (raw ``lr`` or ``log_lr``)."""
+    return params["lr"] if "lr" in params else jnp.exp(params["log_lr"])
 
 
 def targets_of(state_params: dict, labels: jax.Array, n_classes: int) -> jax.Array:
@@ -157,11 +184,13 @@ def init_state(cfg: DistillConfig, x_train: np.ndarray, y_train: np.ndarray, n_c
             x = centre + (x - centre) * (spread / (x.std(axis=(1, 2)) + 1e-6))[:, None, None]
     else:
         x = np.asarray(jax.random.normal(key, (labels.size, *np.asarray(x_train).shape[1:])))
-    params = {"x": jnp.asarray(x, jnp.float32), "log_lr": jnp.asarray(math.log(cfg.lr_init), jnp.float32)}
+    lr0 = cfg.lr_init if cfg.lr_param == "raw" else math.log(cfg.lr_init)
+    params = {"x": jnp.asarray(x, jnp.float32), _lr_key(cfg): jnp.asarray(lr0, jnp.float32)}
     if cfg.learn_labels:
         params["y"] = 5.0 * jax.nn.one_hot(labels, n_classes, dtype=jnp.float32)
+    zero = lambda: jnp.zeros((), jnp.int32)        # one buffer each: a donated state may not repeat one
     return DistillState(params=params, opt_state=_tx(cfg, params).init(params), labels=jnp.asarray(labels),
-                        step=jnp.zeros((), jnp.int32), n_nonfinite=jnp.zeros((), jnp.int32))
+                        step=zero(), n_nonfinite=zero(), n_lr_floor=zero())
 
 
 def default_unroll(cfg: DistillConfig, steps_in_scan: int) -> int:
@@ -222,7 +251,7 @@ def inner_loop(fm: FlatModel, cfg: DistillConfig, theta: jax.Array, x: jax.Array
 def matching_loss(fm: FlatModel, cfg: DistillConfig, params: dict, labels: jax.Array, start: jax.Array,
                   target: jax.Array, key: jax.Array, n_classes: int, loop: Callable = inner_loop) -> jax.Array:
     """Normalised parameter distance after ``syn_steps`` inner steps from ``start`` to ``target``."""
-    theta = loop(fm, cfg, start, params["x"], targets_of(params, labels, n_classes), jnp.exp(params["log_lr"]), key)
+    theta = loop(fm, cfg, start, params["x"], targets_of(params, labels, n_classes), inner_lr(params), key)
     num = jnp.sum(jnp.square(theta - target))
     den = jnp.sum(jnp.square(start - target))
     return num / jnp.maximum(den, 1e-12)
@@ -248,22 +277,90 @@ def make_outer_step(fm: FlatModel, cfg: DistillConfig, n_classes: int) -> Callab
             fm, cfg, state.params, state.labels, start, target, k_inner, n_classes)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        at_floor = jnp.zeros((), bool)
+        if "lr" in params:
+            at_floor = params["lr"] <= cfg.lr_min
+            params = {**params, "lr": jnp.maximum(params["lr"], cfg.lr_min)}
         grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
         new_state = DistillState(params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
                                  labels=state.labels, step=state.step + 1,
-                                 n_nonfinite=state.n_nonfinite + (~finite).astype(jnp.int32))
-        metrics = {"loss": loss, "lr": jnp.exp(new_state.params["log_lr"]), "grad_norm": grad_norm,
-                   "expert": expert, "start_epoch": start_epoch}
+                                 n_nonfinite=state.n_nonfinite + (~finite).astype(jnp.int32),
+                                 n_lr_floor=state.n_lr_floor + (finite & at_floor).astype(jnp.int32))
+        metrics = {"loss": loss, "lr": inner_lr(new_state.params), "grad_norm": grad_norm,
+                   "lr_grad": grads[_lr_key(cfg)], "expert": expert, "start_epoch": start_epoch}
         return new_state, metrics
 
     return outer_step
 
 
-def jit_outer_step(fm: FlatModel, cfg: DistillConfig, n_classes: int) -> Callable:
-    donate = () if jax.default_backend() == "cpu" else (0,)
-    return jax.jit(make_outer_step(fm, cfg, n_classes), donate_argnums=donate)
+def default_donate() -> bool:
+    """Donate the state's buffers to the outer step on accelerators (it is updated in place there);
+    XLA CPU gains nothing from it."""
+    return jax.default_backend() != "cpu"
+
+
+def jit_outer_step(fm: FlatModel, cfg: DistillConfig, n_classes: int, donate: bool | None = None) -> Callable:
+    """The jitted outer step; with ``donate`` (default: on accelerators) the input state's buffers are
+    reused for the output, so the caller must not read a state after passing it in (see
+    :func:`snapshot`)."""
+    donate = default_donate() if donate is None else donate
+    return jax.jit(make_outer_step(fm, cfg, n_classes), donate_argnums=(0,) if donate else ())
+
+
+def snapshot(state: DistillState) -> DistillState:
+    """A copy of ``state`` in buffers of its own, safe to keep while the original is donated."""
+    return jax.tree.map(lambda a: a.copy() if isinstance(a, jax.Array) else a, state)
+
+
+def _available_bytes(device) -> int | None:
+    """Free memory of ``device``: the allocator's limit less what is in use on accelerators, the
+    machine's physical memory on CPU; ``None`` if unknown."""
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def compiled_bytes(compiled) -> int | None:
+    """Device bytes an executable needs (arguments, outputs and temporaries, donated aliases
+    counted once), from XLA's memory analysis; ``None`` where the backend gives none."""
+    m = compiled.memory_analysis()
+    if m is None:
+        return None
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes)
+
+
+def remat_order() -> tuple[str, ...]:
+    """Remat policies, fastest first, as measured (benchmarks/RESULTS.md): on an H100 none, then step
+    (1.3x faster than nested at the paper's sizes); on XLA CPU, with the inner loop unrolled, step
+    was the fastest at 20 inner steps (none 1.9x slower) and all three were within noise at 10."""
+    return ("step", "nested") if jax.default_backend() == "cpu" else ("none", "step", "nested")
+
+
+def choose_remat(fm: FlatModel, cfg: DistillConfig, n_classes: int, args: tuple, donate: bool,
+                 available: int | None = None, headroom: float = 0.9,
+                 order: tuple[str, ...] | None = None) -> tuple[DistillConfig, Callable, list[dict]]:
+    """Resolves ``remat="auto"``: compiles the outer step with each policy of ``order`` (default
+    :func:`remat_order`, fastest first) and keeps the first whose memory, by XLA's analysis of the
+    compiled step, fits ``headroom`` of the free device memory (the last one otherwise: it needs the
+    least). Returns ``(config with remat set, the compiled step, what was tried)``."""
+    order = order or remat_order()
+    if available is None:
+        available = _available_bytes(jax.devices()[0])
+    tried = []
+    for remat in order:
+        c = dataclasses.replace(cfg, remat=remat)
+        compiled = jit_outer_step(fm, c, n_classes, donate).lower(*args).compile()
+        need = compiled_bytes(compiled)
+        tried.append({"remat": remat, "bytes": need})
+        if need is None or available is None or need <= headroom * available or remat == order[-1]:
+            return c, compiled, tried
+    raise AssertionError("unreachable")
 
 
 def data_mesh(n_devices: int) -> jax.sharding.Mesh | None:
@@ -297,9 +394,14 @@ def save_checkpoint(path: str | Path, state: DistillState, extra: dict[str, np.n
     atomic_save_npz(path, {**arrays, **(extra or {})})
 
 
+def checkpoint_seconds(path: str | Path) -> float:
+    """Wall seconds of distillation recorded in a checkpoint, summed over every resumed part."""
+    return float(load_npz(path).get("seconds", 0.0))
+
+
 def load_checkpoint(path: str | Path, like: DistillState) -> tuple[DistillState, dict[str, np.ndarray]]:
     """Restores a state saved by :func:`save_checkpoint` into the structure of ``like``."""
-    arrays = load_npz(path)
+    arrays = load_npz(path, advice="delete it (and its .best.npz) to restart the distillation from scratch")
     leaves, treedef = jax.tree.flatten(like)
     restored = []
     for i, leaf in enumerate(leaves):
@@ -311,34 +413,61 @@ def load_checkpoint(path: str | Path, like: DistillState) -> tuple[DistillState,
     return jax.tree.unflatten(treedef, restored), extra
 
 
+def run_fingerprint(cfg: DistillConfig, *parts) -> str:
+    """What a checkpoint was made from: the configuration (iterations and the remat policy aside:
+    they change neither the steps nor their results) and ``parts`` (model, cache and experts)."""
+    same = dataclasses.replace(cfg, iterations=0, remat="nested", segment=0, unroll=0)
+    return fingerprint([dataclasses.asdict(same), *parts])
+
+
 def distill(fm: FlatModel, cfg: DistillConfig, trajectories: np.ndarray, x_train: np.ndarray, y_train: np.ndarray,
             n_classes: int, seed: int, *, checkpoint_path: str | Path | None = None, checkpoint_every: int = 50,
             log_every: int = 10, on_log: Callable[[dict], None] | None = None,
             evaluate_every: int = 0, evaluate: Callable[[DistillState], float] | None = None,
-            progress: bool = True, mesh: jax.sharding.Mesh | None = None) -> tuple[DistillState, DistillState, list[dict]]:
+            progress: bool = True, mesh: jax.sharding.Mesh | None = None, donate: bool | None = None,
+            provenance: str = "") -> tuple[DistillState, DistillState, list[dict]]:
     """Runs ``cfg.iterations`` outer steps (resuming from ``checkpoint_path`` when it exists).
 
     ``evaluate(state) -> score`` (validation UAR) runs every ``evaluate_every`` steps and at the end;
-    the best-scoring state is kept. Returns ``(final_state, best_state, evaluations)``.
+    the best-scoring state is kept (on ties the later one), and ``best.step`` is its iteration.
+    Returns ``(final_state, best_state, evaluations)``.
     Raises :class:`DistillDiverged` as soon as a non-finite loss is seen (at the next log point).
     With ``mesh`` (see :func:`data_mesh`) the synthetic set is sharded over its devices.
+    ``donate`` (default: on accelerators) reuses the state's buffers in place; the best state is
+    then kept as a copy. ``provenance`` (e.g. :func:`run_fingerprint`) is stored in the checkpoint;
+    a checkpoint made from anything else is not resumed but started afresh (logged).
+    ``cfg.remat="auto"`` is resolved by :func:`choose_remat` and logged.
     """
+    from absl import logging
     from tqdm import tqdm
 
     cfg.validate(trajectories.shape[1] - 1)
+    donate = default_donate() if donate is None else donate
     root = jax.random.key(seed)
     state = init_state(cfg, x_train, y_train, n_classes, jax.random.fold_in(root, 1_000_003))
-    best, evaluations = state, []
-    if checkpoint_path is not None and Path(checkpoint_path).is_file():
-        state, extra = load_checkpoint(checkpoint_path, state)
-        best, _ = load_checkpoint(Path(checkpoint_path).with_suffix(".best.npz"), state) \
-            if Path(checkpoint_path).with_suffix(".best.npz").is_file() else (state, None)
-        evaluations = [dict(zip(("step", "score"), map(float, row))) for row in extra.get("evaluations", [])]
+    best, evaluations, seconds_before, t0 = snapshot(state), [], 0.0, time.perf_counter()
+    ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
+    best_path = ckpt.with_suffix(".best.npz") if ckpt is not None else None
+    if ckpt is not None and ckpt.is_file():
+        restored, extra = load_checkpoint(ckpt, state)
+        made_from = str(extra.get("provenance", ""))
+        if made_from != provenance:
+            logging.warning("distillation checkpoint %s was made from other data, experts or settings "
+                            "(%s, now %s); starting afresh", ckpt, made_from or "unrecorded", provenance)
+        else:
+            state = restored
+            best = load_checkpoint(best_path, state)[0] if best_path.is_file() else snapshot(state)
+            evaluations = [dict(zip(("step", "score"), map(float, row))) for row in extra.get("evaluations", [])]
+            seconds_before = float(extra.get("seconds", 0.0))
     trajectories = jnp.asarray(trajectories)
     if mesh is not None:
         state = shard_state(state, mesh)
         trajectories = jax.device_put(trajectories, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-    step_fn = jit_outer_step(fm, cfg, n_classes)
+    if cfg.remat == "auto":
+        cfg, step_fn, tried = choose_remat(fm, cfg, n_classes, (state, trajectories, root), donate)
+        logging.info("remat=auto chose %s (compiled step bytes tried: %s)", cfg.remat, tried)
+    else:
+        step_fn = jit_outer_step(fm, cfg, n_classes, donate)
     start = int(state.step)
     pending = []
 
@@ -360,10 +489,10 @@ def distill(fm: FlatModel, cfg: DistillConfig, trajectories: np.ndarray, x_train
             return
         score = float(evaluate(state))
         evaluations.append({"step": step_no, "score": score})
-        if score >= max(e["score"] for e in evaluations):
-            best = state
-            if checkpoint_path is not None:
-                save_checkpoint(Path(checkpoint_path).with_suffix(".best.npz"), best)
+        if score >= max(e["score"] for e in evaluations):     # ties: the later state
+            best = snapshot(state)
+            if ckpt is not None:
+                save_checkpoint(best_path, best)
         if on_log:
             on_log({"iteration": step_no, "val_uar": score})
 
@@ -380,10 +509,14 @@ def distill(fm: FlatModel, cfg: DistillConfig, trajectories: np.ndarray, x_train
             bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", lr=f"{float(metrics['lr']):.2e}")
         if evaluate_every and ((it + 1) % evaluate_every == 0 or last):
             maybe_evaluate(it + 1)
-        if checkpoint_path is not None and ((it + 1) % checkpoint_every == 0 or last):
+        if ckpt is not None and ((it + 1) % checkpoint_every == 0 or last):
             check_and_log(it + 1)
             ev = np.array([[e["step"], e["score"]] for e in evaluations], np.float64).reshape(-1, 2)
-            save_checkpoint(checkpoint_path, state, {"evaluations": ev})
+            save_checkpoint(ckpt, state, {"evaluations": ev, "provenance": np.array(provenance),
+                                          "seconds": np.array(seconds_before + time.perf_counter() - t0)})
+    if int(state.n_lr_floor):
+        logging.warning("the learned lr hit its floor --lr_min=%g in %d of %d iterations; consider a smaller "
+                        "--lr_lr", cfg.lr_min, int(state.n_lr_floor), int(state.step))
     if evaluate is None:
         best = state
     return state, best, evaluations

@@ -52,18 +52,46 @@ def score(fm: FlatModel, params, eval_sets: dict, n_classes: int):
     return uar, wa, cm
 
 
+class BestOnValidation:
+    """Early stopping by model selection: called with ``(epoch, params [S, P])`` during training, it
+    keeps each model's parameters at its best validation UAR so far (ties: the later epoch)."""
+
+    def __init__(self, fm: FlatModel, x_val: np.ndarray, y_val: np.ndarray, n_classes: int):
+        self.fm, self.x, self.y, self.n_classes = fm, x_val, y_val, n_classes
+        self.params, self.score, self.epoch = None, None, None
+
+    def __call__(self, epoch: int, params: np.ndarray) -> None:
+        scores = np.array([train.uar(self.y, p, self.n_classes) for p in train.predict(self.fm, params, self.x)])
+        if self.params is None:
+            self.params, self.score, self.epoch = params.copy(), scores, np.full(len(scores), epoch)
+            return
+        better = scores >= self.score
+        self.params[better], self.score[better], self.epoch[better] = params[better], scores[better], epoch
+
+
 def train_and_score(name: str, fm: FlatModel, cfg: train.TrainConfig, x, targets, inits, key, eval_sets: dict,
                     n_classes: int, *, lr: float | None = None, parallel: str | None = None,
-                    epoch_mode: str | None = None, progress: bool = False, mesh=None, **extra) -> Result:
+                    epoch_mode: str | None = None, progress: bool = False, mesh=None, select_every: int = 0,
+                    **extra) -> Result:
     """Trains ``len(inits)`` models on ``(x, targets)`` (spread over ``mesh`` if given) and scores
-    them on each of ``eval_sets``."""
+    them on each of ``eval_sets``.
+
+    With ``select_every`` > 0 each model is checked on ``eval_sets["val"]`` every that many epochs
+    (and at the end) and kept at its best validation UAR (early stopping by model selection; the
+    epochs chosen are in ``extra["selected_epoch"]``); test data are never read for it."""
     t0 = time.perf_counter()
+    best = BestOnValidation(fm, *eval_sets["val"], n_classes) if select_every else None
     params, _, _ = train.fit(fm, cfg, x, targets, jax.numpy.asarray(inits), key, lr=lr, parallel=parallel,
-                             epoch_mode=epoch_mode, progress=progress, desc=name, mesh=mesh)
+                             epoch_mode=epoch_mode, progress=progress, desc=name, mesh=mesh, on_epochs=best,
+                             every=select_every)
     jax.block_until_ready(params)
     seconds = time.perf_counter() - t0
+    extra = dict(extra)
+    if best is not None:
+        params = jax.numpy.asarray(best.params)
+        extra["selected_epoch"] = best.epoch.tolist()
     uar, wa, cm = score(fm, params, eval_sets, n_classes)
-    return Result(name, uar, wa, cm, seconds, int(np.asarray(x).shape[0]), dict(extra), params)
+    return Result(name, uar, wa, cm, seconds, int(np.asarray(x).shape[0]), extra, params)
 
 
 def random_subset(y: np.ndarray, per_class: int, n_classes: int, rng: np.random.Generator) -> np.ndarray:

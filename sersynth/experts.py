@@ -9,6 +9,7 @@ finished chunk is saved, so an interrupted run resumes with the chunks still to 
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -64,7 +65,7 @@ def train_experts(fm: FlatModel, cfg: train.TrainConfig, x_train, y_train, n_cla
     tag = fingerprint(meta)
     if (out / "meta.json").is_file() and read_json(out / "meta.json").get("fingerprint") == tag:
         return load(out)
-    parallel = parallel or train.default_parallel()
+    parallel = parallel or train.default_parallel(fm.n_params)
     chunk = n_experts if parallel == "vmap" else (1 if mesh is None else min(mesh.devices.size, n_experts))
     root = jax.random.key(seed)
     inits = fm.init_many(jax.random.split(jax.random.fold_in(root, 0), n_experts))
@@ -73,7 +74,7 @@ def train_experts(fm: FlatModel, cfg: train.TrainConfig, x_train, y_train, n_cla
     for c0 in tqdm(range(0, n_experts, chunk), desc="experts", unit="chunk", disable=not progress or chunk == n_experts):
         part = out / f"chunk_{tag}_{c0:03d}.npz"
         if part.is_file():
-            z = load_npz(part)
+            z = load_npz(part, advice=f"delete it to retrain those experts")
         else:
             t0 = time.perf_counter()
             ids = np.arange(c0, min(c0 + chunk, n_experts))
@@ -81,6 +82,7 @@ def train_experts(fm: FlatModel, cfg: train.TrainConfig, x_train, y_train, n_cla
             _, loss, traj = train.fit(fm, cfg, x_train, targets, inits[ids], keys, parallel=parallel,
                                       epoch_mode=epoch_mode, record=True, progress=progress, mesh=mesh,
                                       desc=f"expert {c0}" if chunk == 1 else "experts")
+            _check_finite(traj, loss, ids, cfg)
             z = {"params": traj.astype(storage_dtype), "losses": loss,
                  "seconds": np.array(time.perf_counter() - t0)}
             atomic_save_npz(part, z)
@@ -102,11 +104,25 @@ def train_experts(fm: FlatModel, cfg: train.TrainConfig, x_train, y_train, n_cla
     return Experts(params, meta)
 
 
+def _check_finite(traj: np.ndarray, losses: np.ndarray, ids: np.ndarray, cfg: train.TrainConfig) -> None:
+    """Refuses to store a diverged expert: its trajectory would make every later stage meaningless."""
+    bad = ~np.all(np.isfinite(traj.reshape(traj.shape[0], traj.shape[1], -1)), axis=2)     # [S, epochs + 1]
+    if bad.any():
+        s, e = np.argwhere(bad)[0]
+        raise ExpertsDiverged(f"expert {int(ids[s])} diverged: non-finite parameters after epoch {int(e)} "
+                              f"(loss {float(losses[s, max(int(e) - 1, 0)]):.3g}); lower --expert_lr (now {cfg.lr:g})")
+
+
+class ExpertsDiverged(ValueError):
+    """Training an expert produced NaN/Inf parameters."""
+
+
 def load(out_dir: str | Path) -> Experts:
     out = Path(out_dir)
     if not (out / "meta.json").is_file() or not (out / "trajectories.npz").is_file():
         raise FileNotFoundError(f"no expert trajectories in {out}; run the experts stage first")
-    return Experts(load_npz(out / "trajectories.npz")["params"], read_json(out / "meta.json"))
+    advice = "re-run the experts stage with --overwrite, or delete the experts folder"
+    return Experts(load_npz(out / "trajectories.npz", advice)["params"], read_json(out / "meta.json", advice))
 
 
 def check_compatible(experts: Experts, spec: ModelSpec, cache_hash: str) -> None:
@@ -114,6 +130,6 @@ def check_compatible(experts: Experts, spec: ModelSpec, cache_hash: str) -> None
     if experts.meta["cache_hash"] != cache_hash:
         raise ExpertsMismatch(f"experts were trained on feature cache {experts.meta['cache_hash']}, "
                               f"this run uses {cache_hash}; re-run the experts stage")
-    if experts.meta["model"] != spec.to_json():
+    if json.loads(json.dumps(experts.meta["model"])) != json.loads(json.dumps(spec.to_json())):   # tuples as lists
         raise ExpertsMismatch(f"experts were trained for model {experts.meta['model']}, this run asks for "
                               f"{spec.to_json()}; re-run the experts stage")

@@ -5,6 +5,8 @@ import hashlib
 import json
 import os
 import tempfile
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -53,13 +55,63 @@ def atomic_save_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -
     return _atomic(path, lambda f: np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()}))
 
 
-def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+class CorruptFile(ValueError):
+    """An artifact exists but cannot be read back (truncated, bad checksum, not its format)."""
 
 
-def read_json(path: str | os.PathLike) -> Any:
-    return json.loads(Path(path).read_text())
+def load_npz(path: str | os.PathLike, advice: str = "delete it to rebuild it") -> dict[str, np.ndarray]:
+    """Every array of an ``.npz``, read (and CRC-checked) now; :class:`CorruptFile` names the file
+    and ``advice`` when it cannot be read."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+        raise CorruptFile(f"{path} is unreadable or corrupt ({type(e).__name__}: {e}); {advice}") from None
+
+
+def read_json(path: str | os.PathLike, advice: str = "delete it to rebuild it") -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as e:
+        raise CorruptFile(f"{path} is not valid JSON ({type(e).__name__}: {e}); {advice}") from None
+
+
+_LOCKS: dict[str, Any] = {}
+
+
+def lock_dir(path: str | os.PathLike) -> None:
+    """Takes an exclusive lock on the folder ``path`` for the life of this process (``.lock`` in it,
+    holding the owner's pid). The kernel releases it when the process dies, however it dies, so a
+    lock left by a killed run never blocks the next one. Raises :class:`DirectoryLocked` when another
+    live process holds it."""
+    import fcntl
+
+    key = str(Path(path).resolve())
+    if key in _LOCKS or not _WRITER:
+        return
+    Path(path).mkdir(parents=True, exist_ok=True)
+    f = open(Path(path) / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        owner = f.read().strip() or "?"
+        f.close()
+        raise DirectoryLocked(f"{path} is in use by another sersynth process (pid {owner}); wait for it to finish "
+                              "or use another --workdir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    _LOCKS[key] = f
+
+
+class DirectoryLocked(RuntimeError):
+    """Another live process holds the folder's lock."""
 
 
 def fingerprint(obj: Any) -> str:

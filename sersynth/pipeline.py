@@ -27,10 +27,17 @@ from sersynth import privacy
 from sersynth import report as report_lib
 from sersynth import train
 from sersynth.data import cache as cache_lib
-from sersynth.io import atomic_save_npz, atomic_write_bytes, atomic_write_json, load_npz, read_json
+from sersynth.io import (DirectoryLocked, atomic_save_npz, atomic_write_bytes, atomic_write_json, load_npz,
+                         lock_dir, read_json)
 from sersynth.models import ModelSpec, flat_model
 
 STAGES = ("prepare", "experts", "distill", "evaluate")
+EVAL_OPTIMIZERS = ("learned_sgd", "mtt", "expert")
+
+
+NOT_DISTILLED = ("validation preferred the starting set (iteration 0) to every distilled one: the 'distilled' "
+                 "set reported is the initialisation, not a distillation; try another --lr_img, --lr_lr or "
+                 "--iterations")
 
 
 class RunError(ValueError):
@@ -70,7 +77,10 @@ class RunConfig:
     eval_seeds: int = 5
     eval_epochs: int = 300                # epochs on distilled / subset data
     eval_lr_grid: tuple[float, ...] = (0.3, 1.0, 3.0)   # subset baseline lr = expert lr x each, chosen on val
-    eval_optimizer: str = "learned_sgd"   # learned_sgd (MTT) | expert (the experts' optimiser, the paper)
+    eval_optimizer: str = "learned_sgd"   # learned_sgd | mtt | expert (see _eval_config)
+    eval_batch_size: int = 0              # minibatch when training on small sets; 0 = the experts' batch size
+    eval_select_every: int = 0            # keep each model at its best validation UAR, checked every N epochs (0: last)
+    reference_epochs: int = 0             # full-data reference models: epochs (0 = the experts'), best on validation
     render_per_class: int = 2
     privacy_audit: bool = True            # distances to the closest training clip + membership inference
 
@@ -83,10 +93,15 @@ class RunConfig:
                 "metrics": w / "metrics.jsonl", "plots": w / "plots", "audio": w / "audio", "config": w / "config.json"}
 
     def to_json(self) -> dict:
+        """The settings that define the run's results, as JSON: where the run directory lives is not
+        one of them (a moved or differently spelled run directory is the same run), and folders
+        given explicitly are recorded resolved."""
         d = dataclasses.asdict(self)
-        for volatile in ("stages", "overwrite", "progress", "fold"):
+        for volatile in ("stages", "overwrite", "progress", "fold", "workdir"):
             d.pop(volatile)
-        return d
+        for key in ("cache_dir", "corpus_dir"):
+            d[key] = ",".join(str(Path(p).resolve()) for p in d[key].split(",")) if d[key] else ""
+        return json.loads(json.dumps(d, default=list))
 
     def validate(self) -> None:
         bad = [s for s in self.stages if s not in STAGES]
@@ -104,12 +119,41 @@ class RunConfig:
             raise RunError(f"--trajectory_dtype must be one of {experts_lib.STORAGE_DTYPES}")
         if self.parallel not in ("", *train.PARALLEL) or self.epoch_mode not in ("", "scan", "host"):
             raise RunError("--parallel must be vmap, loop or auto; --epoch_mode scan, host or auto")
-        if self.eval_optimizer not in ("learned_sgd", "expert"):
-            raise RunError(f"--eval_optimizer must be learned_sgd or expert, got {self.eval_optimizer!r}")
+        if self.eval_optimizer not in EVAL_OPTIMIZERS:
+            raise RunError(f"--eval_optimizer must be one of {', '.join(EVAL_OPTIMIZERS)}, got {self.eval_optimizer!r}")
+        if self.eval_select_every < 0 or self.reference_epochs < 0:
+            raise RunError("--eval_select_every and --reference_epochs must be >= 0")
+        if self.eval_batch_size < 0:
+            raise RunError(f"--eval_batch_size must be >= 0, got {self.eval_batch_size}")
         if not self.eval_lr_grid or min(self.eval_lr_grid) <= 0:
             raise RunError("--eval_lr_grid needs positive multipliers")
         if "prepare" not in self.stages and not (self.paths["cache"] / "manifest.json").is_file():
             raise RunError(f"no feature cache in {self.paths['cache']}; run the prepare stage or set --cache_dir")
+
+
+def _record_stage_seconds(cfg: RunConfig, stage: str, seconds: float) -> None:
+    """Wall time of a stage as last run, in ``<workdir>/stage_seconds.json`` (read into the report)."""
+    path = Path(cfg.workdir) / "stage_seconds.json"
+    try:
+        times = read_json(path) if path.is_file() else {}
+    except ValueError:
+        times = {}
+    atomic_write_json(path, {**(times if isinstance(times, dict) else {}), stage: round(seconds, 3)})
+
+
+def _stage_seconds(cfg: RunConfig, ex: experts_lib.Experts, distilled: dict, evaluate: float) -> dict:
+    """Seconds per stage: prepare as last run; experts and distillation as recorded with their
+    artifacts (summed over resumed parts); this evaluation's."""
+    path = Path(cfg.workdir) / "stage_seconds.json"
+    try:
+        recorded = read_json(path) if path.is_file() else {}
+    except ValueError:
+        recorded = {}
+    out = {"prepare": recorded.get("prepare") if isinstance(recorded, dict) else None,
+           "experts": ex.meta.get("train_seconds_total"), "distill": distilled["meta"].get("seconds"),
+           "evaluate": round(evaluate, 3)}
+    out["total"] = round(sum(v for v in out.values() if v is not None), 3)
+    return out
 
 
 def _log_metrics(path: Path, row: dict) -> None:
@@ -122,14 +166,18 @@ def _log_metrics(path: Path, row: dict) -> None:
 def check_workdir(cfg: RunConfig) -> None:
     """Refuses to mix two configurations in one run directory, or to silently redo a finished run."""
     p = cfg.paths
-    if p["config"].is_file():
-        old = read_json(p["config"])
-        new = json.loads(json.dumps(cfg.to_json(), default=list))
-        if old != new and not cfg.overwrite:
+    if p["config"].is_file() and not cfg.overwrite:
+        old = read_json(p["config"], advice="use another --workdir, or --overwrite to start the run afresh")
+        if not isinstance(old, dict):
+            raise RunError(f"{p['config']} is not a sersynth run configuration; use another --workdir, or "
+                           "--overwrite to start the run afresh")
+        old.pop("workdir", None)            # recorded by earlier versions; a run may move
+        new = cfg.to_json()
+        if old != new:
             diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             raise RunError(f"{cfg.workdir} holds a run with other settings (differ: {', '.join(diff)}); "
                            "use another --workdir or --overwrite")
-        if p["report"].is_file() and "evaluate" in cfg.stages and not cfg.overwrite and set(cfg.stages) == set(STAGES):
+        if p["report"].is_file() and "evaluate" in cfg.stages and set(cfg.stages) == set(STAGES):
             raise RunError(f"{cfg.workdir} holds a finished run (report.json); use --overwrite to redo it")
     if cfg.overwrite and dist.is_writer():
         for key in ("experts", "distill", "plots", "audio"):
@@ -182,25 +230,49 @@ def stage_experts(cfg: RunConfig, fs: cache_lib.FeatureSet) -> experts_lib.Exper
 
 
 def _eval_config(cfg: RunConfig, n_train: int) -> train.TrainConfig:
-    """Training on a small set for ``eval_epochs``, whole-set batches when they fit, with the
-    distillation's augmentation; plain SGD (``learned_sgd``, MTT's protocol) or the experts' own
-    optimiser and schedule (``expert``, the paper's)."""
-    small = dict(epochs=cfg.eval_epochs, batch_size=cfg.distill.batch_syn or n_train, augment=cfg.distill.augment)
+    """Training on a small set (distilled or a coreset) for ``eval_epochs`` in minibatches of
+    ``eval_batch_size`` (default: the experts'; the last partial batch is kept), with the
+    distillation's augmentation, by one of three protocols:
+
+    * ``learned_sgd``: plain SGD at the learned lr, constant (the inner loop's own optimiser);
+    * ``mtt``: MTT's evaluation: SGD with momentum 0.9, weight decay 5e-4, the learned lr x0.1 at
+      half the epochs;
+    * ``expert``: the experts' own optimiser, lr and schedule (the paper's).
+    """
+    small = dict(epochs=cfg.eval_epochs, batch_size=cfg.eval_batch_size or cfg.expert_train.batch_size,
+                 augment=cfg.distill.augment)
     if cfg.eval_optimizer == "expert":
         return dataclasses.replace(cfg.expert_train, **small)
-    return dataclasses.replace(cfg.expert_train, optimizer="sgd", momentum=0.0, lr_decay_every=0, **small)
+    if cfg.eval_optimizer == "mtt":
+        return dataclasses.replace(cfg.expert_train, optimizer="sgd", momentum=0.9, weight_decay=5e-4,
+                                   lr_decay=0.1, lr_decay_every=max(1, cfg.eval_epochs // 2), **small)
+    return dataclasses.replace(cfg.expert_train, optimizer="sgd", momentum=0.0, weight_decay=0.0,
+                               lr_decay_every=0, **small)
 
 
 def _syn_lr(cfg: RunConfig, learned_lr: float) -> float | None:
-    """The lr to train on the distilled set: the learned one (MTT), or None = the experts' (paper)."""
-    return learned_lr if cfg.eval_optimizer == "learned_sgd" else None
+    """The lr to train on the distilled set: the learned one, or None = the experts' (paper)."""
+    return None if cfg.eval_optimizer == "expert" else learned_lr
 
 
 def _train_small(cfg, fm, x, targets, lr, inits, key, eval_sets, n_classes, name):
     """Trains on a small set (distilled or a real subset) with :func:`_eval_config` and scores it."""
     return eval_lib.train_and_score(name, fm, _eval_config(cfg, x.shape[0]), x, targets, inits, key, eval_sets,
                                     n_classes, lr=lr, parallel=cfg.parallel or None,
-                                    epoch_mode=cfg.epoch_mode or None, mesh=distill_lib.data_mesh(cfg.mesh_devices))
+                                    epoch_mode=cfg.epoch_mode or None, mesh=distill_lib.data_mesh(cfg.mesh_devices),
+                                    select_every=cfg.eval_select_every)
+
+
+def train_reference(cfg: RunConfig, fm, x, y, inits, key, eval_sets: dict, n_classes: int) -> eval_lib.Result:
+    """The full-data reference: models trained on the whole training split with the experts'
+    optimiser for ``reference_epochs`` (default: the experts' epochs), from the same fixed
+    initialisations as the distilled set's evaluation, each kept at its best validation UAR."""
+    epochs = cfg.reference_epochs or cfg.expert_train.epochs
+    tc = dataclasses.replace(cfg.expert_train, epochs=epochs)
+    return eval_lib.train_and_score("full_data_reference", fm, tc, x, train.one_hot(y, n_classes), inits, key,
+                                    eval_sets, n_classes, parallel=cfg.parallel or None,
+                                    epoch_mode=cfg.epoch_mode or None, mesh=distill_lib.data_mesh(cfg.mesh_devices),
+                                    select_every=max(1, epochs // 20), epochs=epochs)
 
 
 def stage_distill(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Experts) -> dict:
@@ -217,7 +289,7 @@ def stage_distill(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Expe
 
     def evaluate(state):
         targets = distill_lib.targets_of(state.params, state.labels, fs.n_classes)
-        lr = _syn_lr(cfg, float(jnp.exp(state.params["log_lr"])))
+        lr = _syn_lr(cfg, float(distill_lib.inner_lr(state.params)))
         r = _train_small(cfg, fm, dist.to_host(state.params["x"]), dist.to_host(targets), lr, inits,
                          jax.random.key(cfg.seed + 7), val, fs.n_classes, "val")
         return r.mean_std("val")[0]
@@ -228,20 +300,26 @@ def stage_distill(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Expe
         checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every,
         on_log=lambda row: _log_metrics(cfg.paths["metrics"], {"stage": "distill", **row}),
         evaluate_every=cfg.eval_every, evaluate=evaluate if cfg.eval_every else None, progress=cfg.progress,
-        mesh=distill_lib.data_mesh(cfg.mesh_devices))
+        mesh=distill_lib.data_mesh(cfg.mesh_devices),
+        provenance=distill_lib.run_fingerprint(cfg.distill, fm.spec.to_json(), fs.hash, ex.meta["fingerprint"], cfg.seed))
     seconds = time.perf_counter() - t0
+    if (dist_dir / "checkpoint.npz").is_file():      # every resumed part of the distillation
+        seconds = distill_lib.checkpoint_seconds(dist_dir / "checkpoint.npz")
     chosen = best
-    selected = max(evaluations, key=lambda e: e["score"])["step"] if evaluations else cfg.distill.iterations
+    selected = int(chosen.step)               # the rule that kept it (ties: the later state) decides
     targets = dist.to_host(distill_lib.targets_of(chosen.params, chosen.labels, fs.n_classes))
     out = {"x": dist.to_host(chosen.params["x"]), "labels": dist.to_host(chosen.labels), "targets": targets,
-           "lr": np.asarray(jnp.exp(chosen.params["log_lr"]))}
+           "lr": np.asarray(distill_lib.inner_lr(chosen.params))}
     atomic_save_npz(dist_dir / "distilled.npz", out)
     meta = {"model": fm.spec.to_json(), "cache_hash": fs.hash, "experts": ex.meta["fingerprint"],
             "distill": dataclasses.asdict(cfg.distill), "selected_iteration": int(selected),
-            "evaluations": evaluations, "seconds": seconds, "classes": fs.classes}
+            "evaluations": evaluations, "seconds": seconds, "classes": fs.classes,
+            "lr_floor_iterations": int(final.n_lr_floor)}
     atomic_write_json(dist_dir / "meta.json", meta)
     logging.info("distilled %d samples in %.1f s; selected iteration %d (val UAR %s)", out["x"].shape[0], seconds,
                  selected, f"{max(e['score'] for e in evaluations):.3f}" if evaluations else "n/a")
+    if evaluations and selected == 0:
+        logging.warning(NOT_DISTILLED)
     return {**out, "meta": meta}
 
 
@@ -249,10 +327,12 @@ def load_distilled(cfg: RunConfig) -> dict:
     d = cfg.paths["distill"]
     if not (d / "distilled.npz").is_file() or not (d / "meta.json").is_file():
         raise RunError(f"no distilled set in {d}; run the distill stage first")
-    return {**load_npz(d / "distilled.npz"), "meta": read_json(d / "meta.json")}
+    advice = "re-run the distill stage (--stage=distill,evaluate)"
+    return {**load_npz(d / "distilled.npz", advice), "meta": read_json(d / "meta.json", advice)}
 
 
 def stage_evaluate(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Experts, distilled: dict) -> dict:
+    t_start = time.perf_counter()
     fm = _model(cfg, fs)
     if distilled["meta"]["cache_hash"] != fs.hash or distilled["meta"]["experts"] != ex.meta["fingerprint"]:
         raise RunError("the distilled set was made from another feature cache or other experts; re-run distill")
@@ -269,6 +349,8 @@ def stage_evaluate(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Exp
     uar, wa, cm = eval_lib.score(fm, jnp.asarray(ex.params[:, -1], jnp.float32), sets, n_classes)
     results["full_data"] = eval_lib.Result("full_data", uar, wa, cm, ex.meta["train_seconds_per_expert"],
                                            int(x_tr.shape[0]), {"epochs": ex.n_epochs, "seeds": "experts"})
+    results["full_data_reference"] = train_reference(cfg, fm, x_tr, y_tr, ex.inits, jax.random.fold_in(key, 4), sets,
+                                                     n_classes)
     results["distilled_fixed_init"] = _train_small(cfg, fm, x_syn, t_syn, _syn_lr(cfg, lr), ex.inits, key, sets,
                                                    n_classes, "distilled_fixed_init")
     random_inits = fm.init_many(jax.random.split(jax.random.fold_in(key, 1), cfg.eval_seeds))
@@ -311,10 +393,13 @@ def stage_evaluate(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Exp
     full_feature_bytes = int(x_tr.nbytes)
     files = fs.manifest["files"]
     train_audio_bytes = int(sum(f.get("bytes", 0) for f in files if f["split"] == "train"))
-    full = results["full_data"].mean_std("test")[0]
+    full = results["full_data_reference"].mean_std("test")[0]
+    experts = results["full_data"].mean_std("test")[0]
     summary = {
         "uar_ratio_fixed": results["distilled_fixed_init"].mean_std("test")[0] / max(full, 1e-9),
         "uar_ratio_random": results["distilled_random_init"].mean_std("test")[0] / max(full, 1e-9),
+        "uar_ratio_fixed_vs_experts": results["distilled_fixed_init"].mean_std("test")[0] / max(experts, 1e-9),
+        "reference_test_uar": full,
         "distilled_minus_subset_test_uar": results["distilled_fixed_init"].mean_std("test")[0]
         - results["random_subset_fixed_init"].mean_std("test")[0],
         "distilled_minus_herding_test_uar": results["distilled_fixed_init"].mean_std("test")[0]
@@ -324,9 +409,10 @@ def stage_evaluate(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Exp
         "full_audio_bytes": train_audio_bytes,
         "storage_ratio_features": x_syn.astype(np.float32).nbytes / full_feature_bytes,
         "storage_ratio_audio": x_syn.astype(np.float32).nbytes / max(train_audio_bytes, 1),
-        "train_seconds_full_per_model": ex.meta["train_seconds_per_expert"],
+        "train_seconds_full_per_model": results["full_data_reference"].train_seconds / ex.inits.shape[0],
         "train_seconds_distilled_per_model": results["distilled_fixed_init"].train_seconds / ex.inits.shape[0],
-        "learned_lr": lr, "ipc": ipc, "selected_iteration": distilled["meta"]["selected_iteration"],
+        "learned_lr": lr, "lr_floor_iterations": distilled["meta"].get("lr_floor_iterations", 0),
+        "ipc": ipc, "selected_iteration": distilled["meta"]["selected_iteration"],
         "distill_seconds": distilled["meta"]["seconds"],
     }
     if audit is not None:
@@ -341,12 +427,16 @@ def stage_evaluate(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Exp
               "results": {k: r.to_json() for k, r in results.items()}, "summary": summary, "privacy": audit,
               "protocol": fs.manifest.get("protocol", "speaker"), "fold": fs.manifest.get("fold", 0),
               "model_selection": "on the validation split; the test split is read once, for this report"}
+    if distilled["meta"].get("evaluations") and summary["selected_iteration"] == 0:
+        report["warnings"] = [NOT_DISTILLED]
 
     p = cfg.paths
     rows = [json.loads(line) for line in p["metrics"].read_text().splitlines()] if p["metrics"].is_file() else []
+    # a resumed distillation logs the iterations after its last checkpoint again: keep the last of each
+    rows = list({(r.get("stage"), r.get("iteration"), "loss" in r): r for r in rows}.values())
     plots = [report_lib.plot_curves([r for r in rows if r.get("stage") == "distill"], p["plots"] / "distill_curves.png"),
              report_lib.plot_spectrograms(x_syn, distilled["labels"], classes, p["plots"] / "distilled_spectrograms.png"),
-             report_lib.plot_confusions({"full data (test)": results["full_data"].confusion["test"],
+             report_lib.plot_confusions({"full data (test)": results["full_data_reference"].confusion["test"],
                                          "distilled, fixed init (test)": results["distilled_fixed_init"].confusion["test"],
                                          "random subset (test)": results["random_subset_fixed_init"].confusion["test"]},
                                         classes, p["plots"] / "confusion_test.png")]
@@ -357,6 +447,7 @@ def stage_evaluate(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Exp
         if dist.is_writer() else []
     report["artifacts"] = {"plots": [str(x.relative_to(cfg.workdir)) for x in plots],
                            "audio": [str(x.relative_to(cfg.workdir)) for x in audio]}
+    report["stage_seconds"] = _stage_seconds(cfg, ex, distilled, time.perf_counter() - t_start)
     atomic_write_json(p["report"], report)
     atomic_write_bytes(Path(cfg.workdir) / "report.md", report_lib.markdown(report, cfg.to_json()).encode())
     return report
@@ -371,9 +462,16 @@ def run(cfg: RunConfig) -> dict | None:
     aggregated by a final run of all folds. The aggregate report pools every fold's seeds.
     """
     cfg.validate()
+    try:
+        lock_dir(cfg.workdir)
+    except DirectoryLocked as e:
+        raise RunError(str(e)) from None
     check_workdir(cfg)
     # multi-host: process 0 prepares (and generates the embedded corpus); the others load its cache
+    t0 = time.perf_counter()
     fs = stage_prepare(cfg) if "prepare" in cfg.stages and dist.is_writer() else None
+    if fs is not None:
+        _record_stage_seconds(cfg, "prepare", time.perf_counter() - t0)
     dist.barrier("prepare")
     fs = fs or cache_lib.load(cfg.paths["cache"])
     if fs.n_folds == 1 and cfg.fold <= 0:
@@ -391,7 +489,7 @@ def run(cfg: RunConfig) -> dict | None:
                                   stages=stages, fold=k)
         done = sub.paths["report"]
         if done.is_file() and "evaluate" in stages and not cfg.overwrite and sub.paths["config"].is_file() \
-                and read_json(sub.paths["config"]) == json.loads(json.dumps(sub.to_json(), default=list)):
+                and read_json(sub.paths["config"]) == sub.to_json():
             logging.info("fold %d: evaluated already (%s), reused", k, done)
             reports[k] = read_json(done)
             continue
@@ -432,7 +530,7 @@ def aggregate_folds(reports: dict[int, dict], manifest: dict) -> dict:
         results[name] = r.to_json()
     summary = {k: float(np.mean([reports[f]["summary"][k] for f in reports]))
                for k, v in first["summary"].items() if isinstance(v, (int, float))}
-    full = results["full_data"]["test_uar_mean"]
+    full = results.get("full_data_reference", results["full_data"])["test_uar_mean"]
     summary["uar_ratio_fixed"] = results["distilled_fixed_init"]["test_uar_mean"] / max(full, 1e-9)
     summary["uar_ratio_random"] = results["distilled_random_init"]["test_uar_mean"] / max(full, 1e-9)
     per_fold = [{"fold": k, **manifest["fold_info"][k],

@@ -24,9 +24,18 @@ from sersynth.models import FlatModel
 PARALLEL = ("vmap", "loop")
 
 
-def default_parallel() -> str:
-    """Measured default: vmap on accelerators, a loop on XLA CPU (see benchmarks/RESULTS.md)."""
-    return "loop" if jax.default_backend() == "cpu" else "vmap"
+VMAP_MAX_PARAMS = 100_000
+
+
+def default_parallel(n_params: int | None = None) -> str:
+    """Measured default (benchmarks/experts.py, benchmarks/RESULTS.md): a loop on XLA CPU, where
+    vmapped per-model convolutions become slow grouped convolutions; on an H100 vmap for small
+    models (1.16x faster than a loop at 7.6k parameters, where a loop is dispatch-bound) and a loop
+    for large ones (2.9-3.3x faster at 634k and 1.8M parameters, where each model saturates the GPU
+    alone). The cut-off ``VMAP_MAX_PARAMS`` lies between the measured sizes."""
+    if jax.default_backend() == "cpu":
+        return "loop"
+    return "vmap" if n_params is not None and n_params <= VMAP_MAX_PARAMS else "loop"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,9 +78,13 @@ def make_optimizer(cfg: TrainConfig, steps_per_epoch: int, lr: float | None = No
     return tx
 
 
-def soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """Mean cross entropy against target distributions ``[B, C]`` (float32)."""
-    return -jnp.mean(jnp.sum(targets * jax.nn.log_softmax(logits.astype(jnp.float32)), axis=-1))
+def soft_cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array | None = None) -> jax.Array:
+    """Mean cross entropy against target distributions ``[B, C]`` (float32); with ``weights [B]``
+    (1 = a real sample, 0 = padding) the mean over the weighted samples."""
+    per_sample = -jnp.sum(targets * jax.nn.log_softmax(logits.astype(jnp.float32)), axis=-1)
+    if weights is None:
+        return jnp.mean(per_sample)
+    return jnp.sum(weights * per_sample) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
 def augment(x: jax.Array, key: jax.Array, max_shift: float = 0.25, mask_frac: float = 0.15) -> jax.Array:
@@ -94,8 +107,9 @@ def augment(x: jax.Array, key: jax.Array, max_shift: float = 0.25, mask_frac: fl
     return x * band(k2, k3, t)[:, :, None] * band(k4, k5, f)[:, None, :]
 
 
-def loss_fn(fm: FlatModel, flat: jax.Array, x: jax.Array, targets: jax.Array) -> jax.Array:
-    return soft_cross_entropy(fm.apply(flat, x), targets)
+def loss_fn(fm: FlatModel, flat: jax.Array, x: jax.Array, targets: jax.Array,
+            weights: jax.Array | None = None) -> jax.Array:
+    return soft_cross_entropy(fm.apply(flat, x), targets, weights)
 
 
 def default_epoch_mode() -> str:
@@ -105,27 +119,34 @@ def default_epoch_mode() -> str:
 
 
 def make_step(fm: FlatModel, tx: optax.GradientTransformation, use_augment: bool) -> Callable:
-    """``step(flat [P], opt_state, x [N,...], targets [N,C], ids [B], key, lr) -> (flat, opt_state, loss)``.
+    """``step(flat [P], opt_state, x [N,...], targets [N,C], ids [B], mask [B], key, lr) -> (flat, opt_state, loss)``.
 
+    ``mask`` is 1 for the samples of the batch and 0 for the padding of an epoch's last, partial
+    batch (see :func:`epoch_batches`), so every sample is used once per epoch at fixed shapes.
     ``tx`` is built with a base learning rate of 1 and its update is scaled by ``lr``, so the lr is
     an argument of the compiled step (one compilation serves every lr; optax's sgd and adam end in
     such a scaling, so the result is the same as building ``tx`` with ``lr``)."""
 
-    def step(flat, opt_state, x, targets, ids, key, lr):
+    def step(flat, opt_state, x, targets, ids, mask, key, lr):
         xb = x[ids]
         if use_augment:
             xb = augment(xb, key)
-        loss, g = jax.value_and_grad(functools.partial(loss_fn, fm))(flat, xb, targets[ids])
+        loss, g = jax.value_and_grad(functools.partial(loss_fn, fm))(flat, xb, targets[ids], mask)
         updates, opt_state = tx.update(g, opt_state, flat)
         return optax.apply_updates(flat, lr * updates), opt_state, loss
 
     return step
 
 
-def epoch_batches(key: jax.Array, n: int, batch: int) -> jax.Array:
-    """``[steps, batch]`` indices of one shuffled epoch (the last partial batch is dropped)."""
-    steps = max(1, n // batch)
-    return jax.random.permutation(key, n)[: steps * batch].reshape(steps, batch)
+def epoch_batches(key: jax.Array, n: int, batch: int) -> tuple[jax.Array, jax.Array]:
+    """``(ids [steps, batch], mask [steps, batch])`` of one shuffled epoch, ``steps = ceil(n / batch)``.
+
+    The last batch is partial when ``batch`` does not divide ``n``: it is padded to the fixed shape
+    with index 0 and mask 0, so every sample is seen once per epoch and nothing recompiles."""
+    steps = -(-n // batch)
+    perm = jnp.concatenate([jax.random.permutation(key, n), jnp.zeros(steps * batch - n, jnp.int32)])
+    mask = (jnp.arange(steps * batch) < n).astype(jnp.float32)
+    return perm.reshape(steps, batch), mask.reshape(steps, batch)
 
 
 def make_epoch(step: Callable, n: int, batch: int) -> Callable:
@@ -133,14 +154,14 @@ def make_epoch(step: Callable, n: int, batch: int) -> Callable:
 
     def epoch(flat, opt_state, x, targets, key, lr):
         kperm, kaug = jax.random.split(key)
-        idx = epoch_batches(kperm, n, batch)
+        idx, mask = epoch_batches(kperm, n, batch)
 
         def body(carry, inputs):
-            i, ids = inputs
-            flat, opt_state, loss = step(*carry, x, targets, ids, jax.random.fold_in(kaug, i), lr)
+            i, ids, m = inputs
+            flat, opt_state, loss = step(*carry, x, targets, ids, m, jax.random.fold_in(kaug, i), lr)
             return (flat, opt_state), loss
 
-        (flat, opt_state), losses = jax.lax.scan(body, (flat, opt_state), (jnp.arange(idx.shape[0]), idx))
+        (flat, opt_state), losses = jax.lax.scan(body, (flat, opt_state), (jnp.arange(idx.shape[0]), idx, mask))
         return flat, opt_state, jnp.mean(losses)
 
     return epoch
@@ -152,7 +173,8 @@ def one_hot(y: np.ndarray, n_classes: int) -> np.ndarray:
 
 def fit(fm: FlatModel, cfg: TrainConfig, x, targets, init: jax.Array, key: jax.Array, *,
         parallel: str | None = None, epoch_mode: str | None = None, record: bool = False,
-        lr: float | None = None, progress: bool = False, desc: str = "train", mesh=None):
+        lr: float | None = None, progress: bool = False, desc: str = "train", mesh=None,
+        on_epochs: Callable[[int, np.ndarray], None] | None = None, every: int = 0):
     """Trains ``S = init.shape[0]`` models on the same data, each with its own batch order.
 
     Args:
@@ -165,12 +187,15 @@ def fit(fm: FlatModel, cfg: TrainConfig, x, targets, init: jax.Array, key: jax.A
         along their leading axis (padded with repeats to a multiple of the devices, then cut) and
         ``jit`` partitions the program; ``loop``: model i lives on device ``i % devices`` and the
         asynchronous dispatch runs the devices side by side. Results match one device.
+      on_epochs: called as ``on_epochs(epoch, params [S, P] float32 numpy)`` after every ``every``
+        epochs and after the last (e.g. model selection on validation, see
+        :func:`sersynth.evaluate.train_and_score`).
     Returns:
       ``(params [S, P], losses [S, epochs], trajectory or None)``.
     """
     from tqdm import tqdm
 
-    parallel = parallel or default_parallel()
+    parallel = parallel or default_parallel(fm.n_params)
     epoch_mode = epoch_mode or default_epoch_mode()
     if parallel not in PARALLEL:
         raise ValueError(f"parallel must be one of {PARALLEL}, got {parallel!r}")
@@ -217,16 +242,18 @@ def fit(fm: FlatModel, cfg: TrainConfig, x, targets, init: jax.Array, key: jax.A
             params, opt_state, loss = run(params, opt_state, ekeys)
         else:
             kperm, kaug = jnp.moveaxis(jax.vmap(jax.random.split)(ekeys), 1, 0)
-            idx = perms(kperm)                                            # [S, steps, batch]
+            idx, mask = perms(kperm)                                      # [S, steps, batch] each
             step_losses = []
             for s_ in range(idx.shape[1]):
                 skeys = jax.vmap(lambda k: jax.random.fold_in(k, s_))(kaug)
-                params, opt_state, l_ = run(params, opt_state, idx[:, s_], skeys)
+                params, opt_state, l_ = run(params, opt_state, idx[:, s_], mask[:, s_], skeys)
                 step_losses.append(l_)
             loss = jnp.mean(jnp.stack(step_losses), axis=0)
         losses.append(loss[:n_models])
         if record:
             traj.append(_gather(params, parallel, n_models))
+        if on_epochs is not None and every and ((e + 1) % every == 0 or e + 1 == cfg.epochs):
+            on_epochs(e + 1, traj[-1] if record else _gather(params, parallel, n_models))
     final = jnp.asarray(_gather(params, parallel, n_models)) if mesh is not None else \
         (jnp.stack(params) if parallel == "loop" else params)
     return final, np.asarray(jnp.stack(losses, axis=1)), (np.stack(traj, axis=1) if record else None)
@@ -251,10 +278,10 @@ def _compiled(fm: FlatModel, cfg: TrainConfig, n: int, batch: int, parallel: str
     if hit is not None and hit[0] is fm:
         _COMPILED.move_to_end(key)
         return hit[1]
-    tx = make_optimizer(cfg, max(1, n // batch), lr=1.0)
+    tx = make_optimizer(cfg, -(-n // batch), lr=1.0)
     step = make_step(fm, tx, cfg.augment)
     unit = make_epoch(step, n, batch) if epoch_mode == "scan" else step
-    in_axes = (0, 0, None, None, 0, None) if epoch_mode == "scan" else (0, 0, None, None, 0, 0, None)
+    in_axes = (0, 0, None, None, 0, None) if epoch_mode == "scan" else (0, 0, None, None, 0, 0, 0, None)
     vunit = jax.jit(jax.vmap(unit, in_axes=in_axes)) if parallel == "vmap" else None
     junit = jax.jit(unit) if parallel == "loop" else None
     perms = jax.jit(jax.vmap(lambda k: epoch_batches(k, n, batch)))

@@ -20,3 +20,13 @@ def tiny_cache(tiny_corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("cache")
     cfg = prepare.PrepareConfig(corpus="embedded", emotions=TINY_CORPUS.emotions, features=TINY_FEATURES, workers=1)
     return prepare.prepare(tiny_corpus, out, cfg, progress=False), out, cfg
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory):
+    """One tiny run of the whole pipeline through the runner command, shared by the tests that read it."""
+    from tests.test_runner import TINY_FLAGS, run_cli
+
+    workdir = tmp_path_factory.mktemp("run")
+    proc = run_cli(f"--workdir={workdir}", *TINY_FLAGS)
+    return workdir, proc

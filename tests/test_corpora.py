@@ -135,6 +135,28 @@ def test_csv_manifest(tmp_path):
     assert fs.manifest["skipped"][0]["path"] == "clips/gone.wav"
 
 
+def test_csv_paths_outside_the_corpus_folder_are_skipped(tmp_path):
+    root = tmp_path / "corpus" / "mine"
+    rows = ["path,label,speaker"]
+    for i, spk in enumerate(("a", "b", "c")):
+        for lab in ("happy", "angry"):
+            _wav(root / f"{spk}_{lab}.wav", i)
+            rows.append(f"{spk}_{lab}.wav,{lab},{spk}")
+    _wav(tmp_path / "outside_root.wav", 9)                       # a real WAV, but not the corpus's
+    (root / "link.wav").symlink_to(tmp_path / "outside_root.wav")
+    escapes = ["../../outside_root.wav", str(tmp_path / "outside_root.wav"), "../../../../../../etc/passwd",
+               "/etc/hostname", "link.wav"]
+    rows += [f"{p},happy,a" for p in escapes]
+    (root / "manifest.csv").write_text("\n".join(rows) + "\n")
+    fs = _prepare(root, "csv", tmp_path)
+    assert fs.x.shape[0] == 6
+    assert all(not f["path"].startswith(("..", "/")) and f["path"] != "link.wav" for f in fs.manifest["files"])
+    reasons = {s["path"]: s["reason"] for s in fs.manifest["skipped"]}
+    assert all("outside the corpus folder" in reasons[p] for p in escapes)
+    with pytest.raises(ValueError, match="outside the corpus folder"):
+        _prepare(root, "csv", tmp_path / "strict", strict=True)
+
+
 def test_unknown_code_names_the_file(tmp_path):
     _wav(tmp_path / "e" / "wav" / "03a01Xa.wav")
     with pytest.raises(corpora.CorpusError, match=r"wav/03a01Xa.wav: unknown EmoDB emotion code 'X'"):

@@ -1,6 +1,8 @@
 """Trajectory matching: gradients, tracing, memory, learning, guards, checkpoints."""
 from __future__ import annotations
 
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -44,7 +46,7 @@ def test_scan_gradient_matches_unrolled_reference(setup, remat, batch_syn, augme
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
     for k in grads:
         np.testing.assert_allclose(grads[k], ref_grads[k], rtol=1e-3, atol=1e-6 * float(jnp.abs(ref_grads[k]).max()))
-    assert float(jnp.abs(grads["x"]).max()) > 0 and float(grads["log_lr"]) != 0
+    assert float(jnp.abs(grads["x"]).max()) > 0 and float(grads["lr"]) != 0
 
 
 def test_gradient_matches_finite_differences(setup):
@@ -54,8 +56,7 @@ def test_gradient_matches_finite_differences(setup):
     cfg = distill.DistillConfig(ipc=2, syn_steps=3, expert_epochs=2, max_start_epoch=2, lr_init=0.05)
     state = distill.init_state(cfg, x, y, 3, jax.random.key(2))
     _, grads = _loss_and_grad(fm, cfg, state, traj, distill.inner_loop)
-    eps = 1e-2
-    for leaf, rtol in (("log_lr", 5e-2), ("x", 0.25)):
+    for leaf, rtol in (("lr", 5e-2), ("x", 0.25)):
         direction = jax.random.normal(jax.random.key(4), jnp.shape(state.params[leaf]))
         direction = direction / jnp.linalg.norm(direction.ravel())
 
@@ -64,6 +65,7 @@ def test_gradient_matches_finite_differences(setup):
             p[leaf] = p[leaf] + t * direction
             return _loss_and_grad(fm, cfg, state.replace(params=p), traj, distill.inner_loop)[0]
 
+        eps = 1e-3 if leaf == "lr" else 1e-2
         fd = (at(eps) - at(-eps)) / (2 * eps)
         analytic = jnp.vdot(grads[leaf], direction)
         np.testing.assert_allclose(analytic, fd, rtol=rtol, atol=1e-4)
@@ -131,7 +133,7 @@ def test_resume_from_checkpoint_gives_the_same_result(setup, tmp_path):
     resumed, _, _ = distill.distill(fm, cfg, traj, x, y, 3, 0, checkpoint_path=tmp_path / "ck.npz", progress=False)
     assert int(resumed.step) == 6
     np.testing.assert_allclose(resumed.params["x"], full.params["x"], rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(resumed.params["log_lr"], full.params["log_lr"], rtol=1e-6)
+    np.testing.assert_allclose(resumed.params["lr"], full.params["lr"], rtol=1e-6)
 
 
 @pytest.mark.parametrize("kw,stored,message", [
@@ -150,3 +152,130 @@ def test_segment_length_near_sqrt():
     assert distill.DistillConfig(syn_steps=16).segment_length() == 4
     assert distill.DistillConfig(syn_steps=20).segment_length() == 4
     assert distill.DistillConfig(syn_steps=7).segment_length() == 1
+
+
+def _single_start(traj):
+    """One expert whose only start epoch is 0: the outer step's draws are then fixed."""
+    return jnp.asarray(traj[:1])
+
+
+def test_lr_update_is_mtts_sgd_with_momentum_on_the_raw_lr(setup):
+    """Two outer steps' lr updates equal MTT's by hand: v = 0.5 v + dL/dlr, lr -= lr_lr v, with
+    dL/dlr from central differences of the unrolled reference loss."""
+    fm, x, y, traj = setup
+    cfg = distill.DistillConfig(ipc=2, syn_steps=4, expert_epochs=2, max_start_epoch=1, lr_init=0.05,
+                                lr_lr=1e-3, lr_img=10.0)
+    traj = _single_start(traj)
+    step = jax.jit(distill.make_outer_step(fm, cfg, 3))
+    state = distill.init_state(cfg, x, y, 3, jax.random.key(2))
+
+    def fd_lr_grad(params, eps=1e-3):
+        def at(lr):
+            return distill.matching_loss(fm, cfg, {**params, "lr": jnp.float32(lr)}, state.labels, traj[0, 0],
+                                         traj[0, cfg.expert_epochs], jax.random.key(0), 3,
+                                         loop=distill.unrolled_inner_loop)
+        lr = float(params["lr"])
+        return (float(at(lr + eps)) - float(at(lr - eps))) / (2 * eps)
+
+    g1 = fd_lr_grad(state.params)
+    s1, m1 = step(state, traj, jax.random.key(6))
+    assert float(m1["lr_grad"]) == pytest.approx(g1, rel=2e-2)
+    assert float(s1.params["lr"]) == pytest.approx(0.05 - 1e-3 * g1, rel=1e-3)
+    g2 = fd_lr_grad(s1.params)
+    s2, _ = step(s1, traj, jax.random.key(6))
+    assert float(s2.params["lr"]) == pytest.approx(float(s1.params["lr"]) - 1e-3 * (0.5 * g1 + g2), rel=1e-3)
+    assert abs(float(s2.params["lr"]) - 0.05) > 1e-4        # it moves
+
+
+def test_lr_floor_keeps_the_lr_positive_and_is_counted(setup):
+    fm, x, y, traj = setup
+    cfg = distill.DistillConfig(ipc=2, syn_steps=4, expert_epochs=2, max_start_epoch=1, lr_init=0.05,
+                                lr_lr=1e3, lr_min=1e-4, lr_img=10.0)
+    state = distill.init_state(cfg, x, y, 3, jax.random.key(2))
+    step = jax.jit(distill.make_outer_step(fm, cfg, 3))
+    state, m = step(state, _single_start(traj), jax.random.key(6))
+    assert float(m["lr_grad"]) * 1e3 > 0.05     # the loss falls with a smaller lr here: a huge step overshoots 0
+    assert float(state.params["lr"]) == pytest.approx(1e-4) and int(state.n_lr_floor) == 1
+
+
+def test_log_lr_parametrisation_still_available(setup):
+    fm, x, y, traj = setup
+    cfg = distill.DistillConfig(ipc=2, syn_steps=4, expert_epochs=2, max_start_epoch=1, lr_init=0.05,
+                                lr_param="log")
+    state = distill.init_state(cfg, x, y, 3, jax.random.key(2))
+    assert set(state.params) == {"x", "log_lr"}
+    new, m = jax.jit(distill.make_outer_step(fm, cfg, 3))(state, _single_start(traj), jax.random.key(1))
+    assert float(new.params["log_lr"]) != pytest.approx(float(state.params["log_lr"]), abs=1e-9)
+    assert float(m["lr"]) == pytest.approx(float(jnp.exp(new.params["log_lr"])))
+
+
+def test_inner_loop_trains_on_the_synthetic_labels(setup):
+    """Real-initialised samples carry their own class, and the inner loop fits those labels: with the
+    labels of the synthetic set shuffled, the same steps fit the shuffled ones instead."""
+    fm, x, y, traj = setup
+    cfg = distill.DistillConfig(ipc=4, syn_steps=40, expert_epochs=1, max_start_epoch=1, lr_init=0.5)
+    state = distill.init_state(cfg, x, y, 3, jax.random.key(3))
+    xs = np.asarray(state.params["x"])
+    labels = np.asarray(state.labels)
+    for xi, li in zip(xs, labels):                       # each sample is a training clip of its class
+        assert y[np.flatnonzero(np.all(np.isclose(x, xi), axis=(1, 2)))[0]] == li
+    for target_labels in (labels, np.roll(labels, 4)):
+        theta = distill.inner_loop(fm, cfg, jnp.asarray(traj[0, 0]), state.params["x"],
+                                   train.one_hot(target_labels, 3), distill.inner_lr(state.params), jax.random.key(0))
+        pred = np.argmax(np.asarray(fm.apply(theta, state.params["x"])), axis=-1)
+        assert np.mean(pred == target_labels) >= 0.9
+
+
+def _scripted_scores(scores):
+    it = iter(scores)
+    return lambda state: next(it)
+
+
+def test_donated_steps_keep_the_best_state(setup, tmp_path):
+    """With buffer donation forced on (as on accelerators), a best state from early on must survive
+    the later steps that donate the live state; and it is the state of the selected iteration."""
+    fm, x, y, traj = setup
+    cfg = distill.DistillConfig(ipc=1, syn_steps=2, expert_epochs=2, max_start_epoch=3, iterations=6, lr_img=10.0)
+    ref, _, _ = distill.distill(fm, dataclasses.replace(cfg, iterations=2), traj, x, y, 3, 0, progress=False,
+                                donate=False)
+    for ckpt in (None, tmp_path / "ck.npz"):
+        final, best, evals = distill.distill(fm, cfg, traj, x, y, 3, 0, progress=False, donate=True,
+                                             evaluate_every=2, evaluate=_scripted_scores([0.1, 0.5, 0.3, 0.2]),
+                                             checkpoint_path=ckpt, checkpoint_every=2)
+        assert [e["step"] for e in evals] == [0, 2, 4, 6]
+        assert int(best.step) == 2 and int(final.step) == 6
+        np.testing.assert_allclose(np.asarray(best.params["x"]), np.asarray(ref.params["x"]), rtol=1e-6)
+
+
+def test_tied_scores_keep_the_later_state(setup):
+    fm, x, y, traj = setup
+    cfg = distill.DistillConfig(ipc=1, syn_steps=2, expert_epochs=2, max_start_epoch=3, iterations=4, lr_img=10.0)
+    _, best, evals = distill.distill(fm, cfg, traj, x, y, 3, 0, progress=False, evaluate_every=2,
+                                     evaluate=_scripted_scores([0.4, 0.6, 0.6]))
+    assert int(best.step) == 4 == max(e["step"] for e in evals if e["score"] == 0.6)
+
+
+def test_checkpoint_from_other_inputs_is_not_resumed(setup, tmp_path):
+    fm, x, y, traj = setup
+    cfg = distill.DistillConfig(ipc=1, syn_steps=2, expert_epochs=2, max_start_epoch=3, iterations=4, lr_img=10.0)
+    ck = tmp_path / "ck.npz"
+    distill.distill(fm, cfg, traj, x, y, 3, 0, progress=False, checkpoint_path=ck, provenance="old")
+    again, _, _ = distill.distill(fm, cfg, traj, x, y, 3, 0, progress=False, checkpoint_path=ck, provenance="old")
+    assert int(again.step) == 4                          # same inputs: the finished checkpoint is reused
+    fresh, _, _ = distill.distill(fm, dataclasses.replace(cfg, iterations=2), traj, x, y, 3, 0, progress=False,
+                                  checkpoint_path=ck, provenance="new")
+    assert int(fresh.step) == 2                          # other inputs: started afresh, not resumed at 4
+
+
+def test_remat_auto_picks_the_fastest_policy_that_fits(setup):
+    fm, x, y, traj = setup
+    cfg = distill.DistillConfig(ipc=2, syn_steps=8, expert_epochs=2, max_start_epoch=3, remat="auto", unroll=1)
+    state = distill.init_state(cfg, x, y, 3, jax.random.key(0))
+    args = (state, jnp.asarray(traj), jax.random.key(1))
+    order = ("none", "step", "nested")                        # the accelerator order
+    roomy, _, _ = distill.choose_remat(fm, cfg, 3, args, donate=False, available=1 << 40, order=order)
+    assert roomy.remat == "none"
+    chosen, compiled, tried = distill.choose_remat(fm, cfg, 3, args, donate=False, available=1, order=order)
+    assert chosen.remat == "nested" and [t["remat"] for t in tried] == ["none", "step", "nested"]
+    new, _ = compiled(*args)
+    assert int(new.step) == 1

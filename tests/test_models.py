@@ -70,3 +70,11 @@ def test_instance_norm_matches_flax_groupnorm_per_channel():
     out = ours.apply(p2, x)
     np.testing.assert_allclose(out.mean(axis=(1, 2)), np.ones((2, 4)), atol=1e-5)
     np.testing.assert_allclose(out.std(axis=(1, 2)), np.tile(np.arange(1.0, 5.0), (2, 1)), rtol=1e-3)
+
+
+def test_kernel_size_option():
+    three = flat_model(ModelSpec(name="cnn6", input_shape=(373, 64)))
+    five = flat_model(ModelSpec(name="cnn6", input_shape=(373, 64), kernel=5))
+    assert three.n_params == 1_817_991 and five.n_params == 4_571_527
+    with pytest.raises(ValueError, match="--kernel_size must be an odd number"):
+        ModelSpec(kernel=4).validate()

@@ -20,7 +20,7 @@ TINY_FLAGS = [
     "--n_fft=512", "--hop_length=256", "--n_mels=16", "--clip_seconds=0.5", "--workers=1",
     "--model=convnet", "--width=4", "--depth=1", "--n_experts=2", "--expert_train_epochs=4", "--expert_lr=0.05",
     "--expert_batch_size=16", "--ipc=2", "--syn_steps=3", "--expert_epochs=1", "--max_start_epoch=2",
-    "--iterations=6", "--eval_every=3", "--checkpoint_every=3", "--log_every=2", "--lr_img=10", "--lr_init=0.01",
+    "--iterations=20", "--eval_every=10", "--checkpoint_every=5", "--log_every=2", "--lr_img=10", "--lr_init=0.01",
     "--eval_seeds=2", "--eval_epochs=5", "--render_per_class=1", "--noprogress",
 ]
 
@@ -34,18 +34,16 @@ def run_cli(*args, check=True):
     return proc
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("run")
-    proc = run_cli(f"--workdir={workdir}", *TINY_FLAGS)
-    return workdir, proc
-
-
 def test_end_to_end_run_writes_every_artifact(finished_run):
     workdir, proc = finished_run
     report = json.loads((workdir / "report.json").read_text())
-    assert set(report["results"]) == {"full_data", "distilled_fixed_init", "distilled_random_init",
-                                      "random_subset_fixed_init", "herding_subset_fixed_init"}
+    assert set(report["results"]) == {"full_data", "full_data_reference", "distilled_fixed_init",
+                                      "distilled_random_init", "random_subset_fixed_init",
+                                      "herding_subset_fixed_init"}
+    ref = report["results"]["full_data_reference"]
+    assert len(ref["uar"]["test"]) == 2 and ref["extra"]["epochs"] == 4
+    assert all(1 <= e <= 4 for e in ref["extra"]["selected_epoch"])
+    assert s_ratio_uses_reference(report)
     for r in report["results"].values():
         assert 0.0 <= r["test_uar_mean"] <= 1.0 and 0.0 <= r["val_wa_mean"] <= 1.0
     s = report["summary"]
@@ -66,13 +64,21 @@ def test_end_to_end_run_writes_every_artifact(finished_run):
         assert (workdir / rel).stat().st_size > 0
     assert len(report["artifacts"]["audio"]) == 3
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["iteration"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
-    assert [r["iteration"] for r in rows if "val_uar" in r] == [0, 3, 6]
+    assert [r["iteration"] for r in rows if "loss" in r] == list(range(1, 21))
+    assert [r["iteration"] for r in rows if "val_uar" in r] == [0, 10, 20]
     distilled = load_npz(workdir / "distill" / "distilled.npz")
     assert distilled["x"].shape == (6, 32, 16) and np.all(np.isfinite(distilled["x"]))
-    assert "distilled (fixed init) / full-data test UAR" in proc.stdout
+    assert "distilled / full-data test UAR: random init" in proc.stdout
+    assert set(report["stage_seconds"]) == {"prepare", "experts", "distill", "evaluate", "total"}
+    assert all(v > 0 for v in report["stage_seconds"].values())
     config = json.loads((workdir / "config.json").read_text())
     assert config["distill"]["ipc"] == 2 and config["model"]["width"] == 4
+
+
+def s_ratio_uses_reference(report: dict) -> bool:
+    r, s = report["results"], report["summary"]
+    return abs(s["uar_ratio_random"] - r["distilled_random_init"]["test_uar_mean"]
+               / r["full_data_reference"]["test_uar_mean"]) < 1e-9
 
 
 def test_same_flags_same_result(finished_run, tmp_path):
@@ -154,10 +160,16 @@ def test_eval_optimizer_choices():
     expert = pipeline.train.TrainConfig(optimizer="adam", lr=1e-3, momentum=0.0, lr_decay=0.7, lr_decay_every=5,
                                         epochs=50, batch_size=32)
     base = dict(workdir="w", expert_train=expert, eval_epochs=30,
-                distill=pipeline.distill_lib.DistillConfig(batch_syn=0, augment=True))
+                distill=pipeline.distill_lib.DistillConfig(batch_syn=256, augment=True))
     paper = pipeline._eval_config(pipeline.RunConfig(eval_optimizer="expert", **base), 70)
-    assert (paper.optimizer, paper.lr, paper.lr_decay_every, paper.epochs, paper.batch_size) == ("adam", 1e-3, 5, 30, 70)
-    mtt = pipeline._eval_config(pipeline.RunConfig(**base), 70)
-    assert (mtt.optimizer, mtt.momentum, mtt.lr_decay_every, mtt.augment) == ("sgd", 0.0, 0, True)
+    assert (paper.optimizer, paper.lr, paper.lr_decay_every, paper.epochs, paper.batch_size) == ("adam", 1e-3, 5, 30, 32)
+    plain = pipeline._eval_config(pipeline.RunConfig(**base), 70)
+    assert (plain.optimizer, plain.momentum, plain.lr_decay_every, plain.augment, plain.batch_size) == \
+        ("sgd", 0.0, 0, True, 32)
+    mtt = pipeline._eval_config(pipeline.RunConfig(eval_optimizer="mtt", eval_batch_size=16, **base), 70)
+    assert (mtt.optimizer, mtt.momentum, mtt.weight_decay, mtt.lr_decay, mtt.lr_decay_every, mtt.batch_size) == \
+        ("sgd", 0.9, 5e-4, 0.1, 15, 16)
+    assert pipeline._syn_lr(pipeline.RunConfig(eval_optimizer="mtt", **base), 0.02) == 0.02
+    assert pipeline._syn_lr(pipeline.RunConfig(eval_optimizer="expert", **base), 0.02) is None
     with pytest.raises(pipeline.RunError, match="--eval_optimizer must be"):
         pipeline.RunConfig(eval_optimizer="lbfgs", **base).validate()

@@ -26,7 +26,7 @@ for batch_syn in (0, 4):
     sharded, _, _ = distill.distill(fm, cfg, traj, x, y, 3, 0, progress=False, mesh=distill.data_mesh(4))
     assert len(sharded.params["x"].sharding.device_set) == 4
     np.testing.assert_allclose(np.asarray(sharded.params["x"]), np.asarray(single.params["x"]), rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(float(sharded.params["log_lr"]), float(single.params["log_lr"]), rtol=1e-4)
+    np.testing.assert_allclose(float(sharded.params["lr"]), float(single.params["lr"]), rtol=1e-4)
 try:
     distill.shard_state(distill.init_state(distill.DistillConfig(ipc=1), x, y, 3, jax.random.key(0)),
                         distill.data_mesh(4))

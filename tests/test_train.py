@@ -104,3 +104,67 @@ def test_fits_share_one_compilation_across_learning_rates(toy_model):
     tx1 = train.make_optimizer(cfg, 3, lr=1.0)
     u1, _ = tx1.update(g, tx1.init(init[0]), init[0])
     np.testing.assert_allclose(u, 0.05 * u1, rtol=1e-6)
+
+
+def test_epoch_batches_keep_the_partial_batch():
+    ids, mask = train.epoch_batches(jax.random.key(0), 10, 4)
+    assert ids.shape == mask.shape == (3, 4)
+    assert sorted(np.asarray(ids)[np.asarray(mask) > 0].tolist()) == list(range(10))   # each sample once
+    assert np.asarray(mask).sum() == 10 and np.asarray(mask)[-1].tolist() == [1, 1, 0, 0]
+
+
+def test_padding_of_a_partial_batch_does_not_train(toy_model):
+    """One step on a batch of 4 padded to 8 equals one step on the 4 alone."""
+    x, y = _toy(n=8)
+    t = train.one_hot(y, 3)
+    tx = train.make_optimizer(train.TrainConfig(optimizer="sgd"), 1, lr=1.0)
+    step = jax.jit(train.make_step(toy_model, tx, use_augment=False))
+    p0 = toy_model.init(jax.random.key(0))
+    padded = step(p0, tx.init(p0), x, t, jax.numpy.arange(8), jax.numpy.array([1.0] * 4 + [0.0] * 4),
+                  jax.random.key(1), 0.1)
+    alone = step(p0, tx.init(p0), x, t, jax.numpy.arange(4), jax.numpy.ones(4), jax.random.key(1), 0.1)
+    np.testing.assert_allclose(padded[0], alone[0], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(padded[2], alone[2], rtol=1e-5)
+
+
+def test_small_sets_get_every_sample_each_epoch(toy_model):
+    """10 samples in batches of 4: 3 steps an epoch (a dropped partial batch would give 2)."""
+    x, y = _toy(n=10)
+    init = toy_model.init_many(jax.random.split(jax.random.key(0), 1))
+    cfg = train.TrainConfig(optimizer="sgd", lr=0.1, epochs=1, batch_size=4)
+    one_epoch = train.fit(toy_model, cfg, x, train.one_hot(y, 3), init, jax.random.key(2), parallel="loop",
+                          epoch_mode="scan")[0]
+    tx = train.make_optimizer(cfg, 3, lr=1.0)
+    step = jax.jit(train.make_step(toy_model, tx, use_augment=False))
+    ek = jax.random.fold_in(jax.random.split(jax.random.key(2), 1)[0], 0)
+    kperm, kaug = jax.random.split(ek)
+    ids, mask = train.epoch_batches(kperm, 10, 4)
+    p, o = init[0], tx.init(init[0])
+    for i in range(3):
+        p, o, _ = step(p, o, jax.numpy.asarray(x), jax.numpy.asarray(train.one_hot(y, 3)), ids[i], mask[i],
+                       jax.random.fold_in(kaug, i), 0.1)
+    np.testing.assert_allclose(one_epoch[0], p, rtol=1e-5, atol=1e-6)
+
+
+def test_default_parallel_follows_backend_and_model_size(monkeypatch):
+    assert train.default_parallel(1000) == "loop"                       # this CPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert train.default_parallel(7_600) == "vmap"
+    assert train.default_parallel(1_817_991) == "loop"
+
+
+def test_best_on_validation_keeps_each_models_best_epoch(toy_model):
+    from sersynth.evaluate import BestOnValidation, train_and_score
+
+    x, y = _toy()
+    cfg = train.TrainConfig(optimizer="sgd", lr=0.05, momentum=0.9, epochs=10, batch_size=16)
+    init = toy_model.init_many(jax.random.split(jax.random.key(0), 2))
+    trained = np.asarray(train.fit(toy_model, cfg, x, train.one_hot(y, 3), init, jax.random.key(1))[0])
+    best = BestOnValidation(toy_model, x, y, 3)
+    best(1, np.stack([trained[0], np.asarray(init[1])]))
+    best(2, np.stack([np.asarray(init[0]), trained[1]]))            # model 0 got worse, model 1 better
+    np.testing.assert_array_equal(best.params, trained)
+    assert best.epoch.tolist() == [1, 2]
+    r = train_and_score("t", toy_model, cfg, x, train.one_hot(y, 3), init, jax.random.key(1),
+                        {"val": (x, y), "test": (x[:6], y[:6])}, 3, select_every=3)
+    assert all(e in (3, 6, 9, 10) for e in r.extra["selected_epoch"])

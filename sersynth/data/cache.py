@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from sersynth.data import splits
-from sersynth.io import load_npz, read_json
+from sersynth.io import CorruptFile, load_npz, read_json
 
 SPLIT_CODES = splits.CODES      # {"train": 0, "val": 1, "test": 2}
 
@@ -93,8 +93,13 @@ def load(cache_dir: str | Path) -> FeatureSet:
     npz, manifest_path = cache_files(cache_dir)
     if not manifest_path.is_file() or not npz.is_file():
         raise CacheError(f"no feature cache in {cache_dir} (need features.npz and manifest.json); run the prepare stage")
-    manifest = read_json(manifest_path)
-    arrays = load_npz(npz)
+    try:
+        manifest = read_json(manifest_path, advice="re-run prepare to rebuild the cache")
+        arrays = load_npz(npz, advice="re-run prepare to rebuild the cache")
+    except CorruptFile as e:
+        raise CacheError(str(e)) from None
+    if not isinstance(manifest, dict):
+        raise CacheError(f"{manifest_path} is not a cache manifest; re-run prepare to rebuild the cache")
     missing = {"x", "y", "speaker", "split", "mel_mean", "mel_std"} - set(arrays)
     if missing:
         raise CacheError(f"{npz} lacks arrays {sorted(missing)}")

@@ -322,8 +322,12 @@ def _scan_csv(root: Path) -> tuple[list[Item], list[dict]]:
     if not path.is_file():
         raise CorpusError(f"{root} has no manifest.csv (columns: path,label,speaker[,gender,session,split])")
     items, skipped = [], []
+    inside = root.resolve()
     for line, row in _read_csv(path, {"path", "label", "speaker"}):
         rel = row["path"]
+        if not (root / rel).resolve().is_relative_to(inside):      # "../x", "/etc/x", links out of the root
+            skipped.append({"path": rel, "reason": f"manifest.csv line {line} points outside the corpus folder"})
+            continue
         if not (root / rel).is_file():
             skipped.append({"path": rel, "reason": f"listed in manifest.csv line {line} but missing"})
             continue

@@ -33,6 +33,7 @@ class PrepareConfig:
     features: features.FeatureConfig = features.FeatureConfig()
     workers: int = 0                                # 0 -> all cores
     strict: bool = False
+    max_clip_seconds: float = 0.0                   # with clip_seconds 0: cap the longest clip at this (0: no cap)
 
 
 def _file_digest(path: Path) -> str:
@@ -102,6 +103,7 @@ def prepare(root: str | Path, out_dir: str | Path, cfg: PrepareConfig = PrepareC
         "version": CACHE_VERSION, "corpus": cfg.corpus, "emotions": list(emotions), "protocol": protocol,
         "features": dataclasses.asdict(cfg.features), "split_fractions": list(cfg.split_fractions),
         "split_seed": cfg.split_seed, "val_speakers": cfg.val_speakers, "test_corpus": cfg.test_corpus,
+        "max_clip_seconds": cfg.max_clip_seconds,
         "files": [[it.path, it.label, it.speaker, it.session, it.split, d] for it, d in zip(items, digests)],
     }
     input_hash = fingerprint(input_record)
@@ -124,7 +126,9 @@ def prepare(root: str | Path, out_dir: str | Path, cfg: PrepareConfig = PrepareC
                                                        f"resampled to {cfg.features.sample_rate} Hz like the rest"})
     if not keep:
         raise corpora.CorpusError(f"{','.join(map(str, roots))}: none of the {len(items)} files could be decoded")
-    clip_seconds = cfg.features.clip_seconds or max(s for _, s in keep)
+    longest = max(s for _, s in keep)
+    clip_seconds = cfg.features.clip_seconds or (min(longest, cfg.max_clip_seconds) if cfg.max_clip_seconds
+                                                 else longest)
     n_samples = int(round(clip_seconds * cfg.features.sample_rate))
     # Incremental: rows of an existing cache with the same feature parameters and clip length are
     # reused for unchanged files (same path and content digest); only new or changed files are decoded.
@@ -297,6 +301,7 @@ def main(argv):
     cfg = PrepareConfig(
         corpus=f.corpus, emotions=tuple(f.emotions or ()), split_fractions=tuple(float(v) for v in f.split),
         split_seed=f.split_seed, workers=f.workers, strict=f.strict, protocol=f.protocol,
+        max_clip_seconds=f.max_clip_seconds,
         val_speakers=f.val_speakers, test_corpus=f.test_corpus, label_map=tuple(f.label_map or ()),
         features=features.FeatureConfig(sample_rate=f.sample_rate, n_fft=f.n_fft, hop_length=f.hop_length,
                                         n_mels=f.n_mels, fmin=f.fmin, fmax=f.fmax, clip_seconds=f.clip_seconds))
@@ -329,7 +334,9 @@ def define_flags(flags_module, root_required: bool = True) -> None:
     F.DEFINE_integer("n_mels", 64, "Mel bins")
     F.DEFINE_float("fmin", 0.0, "lowest Mel frequency (Hz)")
     F.DEFINE_float("fmax", 0.0, "highest Mel frequency (Hz, 0: sample_rate/2)")
-    F.DEFINE_float("clip_seconds", 0.0, "clip length; clips are trimmed or repeated (0: longest clip)")
+    F.DEFINE_float("clip_seconds", 0.0, "clip length; clips are trimmed or repeated (0: the longest clip, as the "
+                   "paper, capped by --max_clip_seconds)")
+    F.DEFINE_float("max_clip_seconds", 0.0, "with --clip_seconds=0: cap on the corpus's longest clip (0: no cap)")
 
 
 if __name__ == "__main__":

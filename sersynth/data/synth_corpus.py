@@ -18,6 +18,7 @@ import dataclasses
 import json
 import os
 import shutil
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -218,7 +219,7 @@ def _write_clip(job) -> None:
     out, cfg, speaker, emotion, ei, u, proto = job
     path = out / file_name(speaker, emotion, u, proto)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.wav")
+    tmp = path.with_suffix(f".{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp.wav")   # unique: two generators may race
     sf.write(tmp, synthesize(speaker, emotion, ei, u, cfg), cfg.sample_rate, subtype="PCM_16")
     os.replace(tmp, path)
 
