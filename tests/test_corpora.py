@@ -190,3 +190,17 @@ def test_iemocap_labels_speakers_and_merge(tmp_path):
     fs = _prepare(root, "iemocap", tmp_path)
     assert fs.classes == ["anger", "happiness", "neutral", "sadness"] and fs.x.shape[0] == 8
     assert fs.manifest["excluded_other_emotions"] == 2                 # frustration
+
+
+@pytest.mark.skipif(__import__("shutil").which("espeak-ng") is None, reason="espeak-ng is not installed")
+def test_espeak_corpus_is_read_as_ravdess(tmp_path):
+    from sersynth.data import espeak_corpus
+
+    root = espeak_corpus.generate(tmp_path / "esp", actors=2)
+    items, skipped = corpora.get("ravdess").scan(root)
+    assert len(items) == 120 and not skipped
+    assert {it.label for it in items} == {"neutral", "calm", "happiness", "sadness", "anger", "fear", "disgust",
+                                          "surprise"}
+    assert {it.speaker for it in items} == {"actor01", "actor02"}
+    x, sr = sf.read(next(root.rglob("*.wav")))
+    assert sr == 48000 and x.ndim == 1 and np.abs(x).max() > 0.05
