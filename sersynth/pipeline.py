@@ -265,14 +265,15 @@ def _train_small(cfg, fm, x, targets, lr, inits, key, eval_sets, n_classes, name
 
 def train_reference(cfg: RunConfig, fm, x, y, inits, key, eval_sets: dict, n_classes: int) -> eval_lib.Result:
     """The full-data reference: models trained on the whole training split with the experts'
-    optimiser for ``reference_epochs`` (default: the experts' epochs), from the same fixed
-    initialisations as the distilled set's evaluation, each kept at its best validation UAR."""
+    optimiser for ``reference_epochs`` (default: the experts' epochs), from ``eval_seeds`` of the
+    fixed initialisations the distilled set is evaluated from, each kept at its best validation UAR
+    (checked 10 times over the run)."""
     epochs = cfg.reference_epochs or cfg.expert_train.epochs
     tc = dataclasses.replace(cfg.expert_train, epochs=epochs)
     return eval_lib.train_and_score("full_data_reference", fm, tc, x, train.one_hot(y, n_classes), inits, key,
                                     eval_sets, n_classes, parallel=cfg.parallel or None,
                                     epoch_mode=cfg.epoch_mode or None, mesh=distill_lib.data_mesh(cfg.mesh_devices),
-                                    select_every=max(1, epochs // 20), epochs=epochs)
+                                    select_every=max(1, epochs // 10), epochs=epochs)
 
 
 def stage_distill(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Experts) -> dict:
@@ -284,7 +285,7 @@ def stage_distill(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Expe
         raise RunError(str(e)) from None
     x, y = fs.subset("train")
     val = {"val": fs.subset("val")}
-    inits = jnp.asarray(ex.inits)
+    inits = jnp.asarray(ex.inits[:cfg.eval_seeds])     # validation during distillation: eval_seeds of the experts' inits
     dist_dir = cfg.paths["distill"]
 
     def evaluate(state):
@@ -349,8 +350,8 @@ def stage_evaluate(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Exp
     uar, wa, cm = eval_lib.score(fm, jnp.asarray(ex.params[:, -1], jnp.float32), sets, n_classes)
     results["full_data"] = eval_lib.Result("full_data", uar, wa, cm, ex.meta["train_seconds_per_expert"],
                                            int(x_tr.shape[0]), {"epochs": ex.n_epochs, "seeds": "experts"})
-    results["full_data_reference"] = train_reference(cfg, fm, x_tr, y_tr, ex.inits, jax.random.fold_in(key, 4), sets,
-                                                     n_classes)
+    results["full_data_reference"] = train_reference(cfg, fm, x_tr, y_tr, ex.inits[:cfg.eval_seeds],
+                                                     jax.random.fold_in(key, 4), sets, n_classes)
     results["distilled_fixed_init"] = _train_small(cfg, fm, x_syn, t_syn, _syn_lr(cfg, lr), ex.inits, key, sets,
                                                    n_classes, "distilled_fixed_init")
     random_inits = fm.init_many(jax.random.split(jax.random.fold_in(key, 1), cfg.eval_seeds))

@@ -167,3 +167,26 @@ def test_two_builds_give_identical_caches(tiny_corpus, tiny_cache, tmp_path):
     for k in a.files:
         np.testing.assert_array_equal(a[k], b[k])
     assert again.hash == fs.hash and again.manifest["fold_info"] == fs.manifest["fold_info"]
+
+
+def test_short_clips_are_counted_and_untrained_classes_refused(tiny_corpus, tmp_path):
+    root = tmp_path / "corpus"
+    shutil.copytree(tiny_corpus, root)
+    t = np.arange(800) / 16000                                     # 0.05 s: repeated 10x to the 0.5 s clip
+    sf.write(root / "DEMOS" / "PR_f_01_rab97.wav", (0.3 * np.sin(2 * np.pi * 200 * t)).astype(np.float32), 16000)
+    cfg = prepare.PrepareConfig(corpus="demos", emotions=TINY_CORPUS.emotions, features=TINY_FEATURES, workers=1)
+    fs = prepare.prepare(root, tmp_path / "cache", cfg, progress=False)
+    assert [c["path"].split("/")[-1] for c in fs.manifest["short_clips"]] == ["PR_f_01_rab97.wav"]
+    assert "1 clip(s) shorter than half the clip length" in prepare.summary(fs)
+    # a class whose only speaker lands outside the training split cannot be learned: refused, named
+    lonely = tmp_path / "lonely"
+    shutil.copytree(tiny_corpus, lonely)
+    speakers = sorted({p.name.split("_")[2] for p in (lonely / "DEMOS").glob("*.wav")})
+    for p in (lonely / "DEMOS").glob("*_tri*.wav"):                # sadness: keep one speaker's clips only
+        if p.name.split("_")[2] != speakers[0]:
+            p.unlink()
+    with pytest.raises(corpora.CorpusError, match="no training clips of sadness"):
+        for seed in range(20):      # some split seed puts that speaker in val or test
+            prepare.prepare(lonely, tmp_path / f"c{seed}", prepare.PrepareConfig(
+                corpus="demos", emotions=TINY_CORPUS.emotions, features=TINY_FEATURES, workers=1, split_seed=seed),
+                progress=False)

@@ -159,12 +159,18 @@ def prepare(root: str | Path, out_dir: str | Path, cfg: PrepareConfig = PrepareC
         raise corpora.CorpusError(f"--protocol={protocol}: {e}") from None
     x = np.stack(feats).astype(np.float32)
     y = np.array([emotions.index(it.label) for it, _ in rows], dtype=np.int32)
+    short = [{"path": it.path, "seconds": round(sec, 3)} for it, sec in rows if sec < 0.5 * clip_seconds]
     spk = np.array([speakers.index(it.speaker) for it, _ in rows], dtype=np.int32)
     folds = assignment.folds
     for k, fold in enumerate(folds):
         empty = [name for name, code in splits.CODES.items() if not np.any(fold == code)]
         if empty:
             raise corpora.CorpusError(f"--protocol={protocol}: fold {k} has no {'/'.join(empty)} clips")
+    for k, fold in enumerate(folds):
+        untrained = [e for c, e in enumerate(emotions) if not np.any((y == c) & (fold == splits.CODES["train"]))]
+        if untrained:
+            raise corpora.CorpusError(f"--protocol={protocol}: fold {k} has no training clips of "
+                                      f"{', '.join(untrained)}; drop it from --emotions or change the split")
     x, mean, std = cache_lib.normalise(x, folds[0] == splits.CODES["train"])
     arrays = {"x": x, "y": y, "speaker": spk, "split": folds[0], "folds": folds, "mel_mean": mean, "mel_std": std}
     manifest = {
@@ -182,6 +188,7 @@ def prepare(root: str | Path, out_dir: str | Path, cfg: PrepareConfig = PrepareC
                   for i, (it, s) in enumerate(rows)],
         "extracted_files": len(todo), "reused_files": len(keep) - len(todo),
         "skipped": skipped, "excluded_other_emotions": excluded, "unexpected_sample_rates": odd_rates,
+        "short_clips": short,
         "input_hash": input_hash, "hash": cache_lib.array_hash(arrays),
     }
     # Arrays first, manifest last: a manifest on disk always names arrays that are complete.
@@ -287,6 +294,11 @@ def summary(fs: cache_lib.FeatureSet) -> str:
     if odd:
         lines.append(f"{len(odd)} file(s) at an unexpected sample rate (resampled), e.g. {odd[0]['path']}: "
                      f"{odd[0]['note']}")
+    short = m.get("short_clips", [])
+    if short:
+        shortest = min(short, key=lambda c: c["seconds"])
+        lines.append(f"{len(short)} clip(s) shorter than half the clip length ({m['clip_seconds']:.2f} s) are repeated "
+                     f"to fill it; shortest {shortest['path']}: {shortest['seconds']} s")
     if m["skipped"]:
         lines.append(f"skipped {len(m['skipped'])} file(s):")
         lines += [f"  {s['path']}: {s['reason']}" for s in m["skipped"][:20]]
