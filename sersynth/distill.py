@@ -351,16 +351,23 @@ def choose_remat(fm: FlatModel, cfg: DistillConfig, n_classes: int, args: tuple,
     least). Returns ``(config with remat set, the compiled step, what was tried)``."""
     order = order or remat_order()
     if available is None:
-        available = _available_bytes(jax.devices()[0])
-    tried = []
+        available = _available_bytes(jax.local_devices()[0])
+    tried, compiled = [], {}
     for remat in order:
-        c = dataclasses.replace(cfg, remat=remat)
-        compiled = jit_outer_step(fm, c, n_classes, donate).lower(*args).compile()
-        need = compiled_bytes(compiled)
+        compiled[remat] = jit_outer_step(fm, dataclasses.replace(cfg, remat=remat), n_classes, donate).lower(
+            *args).compile()
+        need = compiled_bytes(compiled[remat])
         tried.append({"remat": remat, "bytes": need})
-        if need is None or available is None or need <= headroom * available or remat == order[-1]:
-            return c, compiled, tried
-    raise AssertionError("unreachable")
+        if need is None or available is None or need <= headroom * available:
+            break
+    chosen = tried[-1]["remat"]
+    if jax.process_count() > 1:       # every process must run the same program: process 0's choice
+        from jax.experimental import multihost_utils
+        chosen = order[int(multihost_utils.broadcast_one_to_all(np.int32(order.index(chosen))))]
+    if chosen not in compiled:
+        compiled[chosen] = jit_outer_step(fm, dataclasses.replace(cfg, remat=chosen), n_classes, donate).lower(
+            *args).compile()
+    return dataclasses.replace(cfg, remat=chosen), compiled[chosen], tried
 
 
 def data_mesh(n_devices: int) -> jax.sharding.Mesh | None:

@@ -234,7 +234,14 @@ def test_runner_runs_every_fold_resumes_and_pools(tmp_path):
     assert (tmp_path / "run" / "fold1" / "report.json").is_file() and not (tmp_path / "run" / "report.json").exists()
     first = json.loads((tmp_path / "run" / "fold1" / "report.json").read_text())
     assert first["protocol"] == "loso" and first["fold"] == 1
-    proc = run_cli(*common)                                   # every fold: fold 1 reused, 0 and 2 run
+    # every fold, killed with SIGKILL during fold 0's distillation, then the same command again:
+    # fold 1 is reused, fold 0 resumes from its checkpoint, fold 2 runs, and the folds are pooled
+    from tests.test_resume import _kill_when, _start_with
+
+    w = tmp_path / "run"
+    _kill_when(_start_with(common), lambda: (w / "fold0" / "distill" / "checkpoint.npz").is_file())
+    assert not (w / "fold0" / "report.json").exists()
+    proc = run_cli(*common)
     assert "fold 1: evaluated already" in proc.stderr
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["n_folds"] == 3 and [f["test"] for f in report["folds"]] == ["spk03", "spk08", "spk09"]

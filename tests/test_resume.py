@@ -22,10 +22,15 @@ from tests.test_runner import ROOT, TINY_FLAGS, run_cli
 RESUME_FLAGS = TINY_FLAGS
 
 
-def _start(workdir: Path) -> subprocess.Popen:
+def _start_with(args: list[str]) -> subprocess.Popen:
+    """The runner command with ``args``, as its own process (to be killed)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-m", "experiments.run", f"--workdir={workdir}", *RESUME_FLAGS],
+    return subprocess.Popen([sys.executable, "-m", "experiments.run", *args],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _start(workdir: Path) -> subprocess.Popen:
+    return _start_with([f"--workdir={workdir}", *RESUME_FLAGS])
 
 
 def _kill_when(proc: subprocess.Popen, ready, timeout: float = 300) -> None:

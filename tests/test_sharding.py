@@ -112,7 +112,7 @@ def test_two_process_run_matches_one_process_with_the_same_devices(tmp_path):
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
-    assert "distilled (fixed init) / full-data" in outs[0][0] and "full-data" not in outs[1][0]   # one writer
+    assert "distilled / full-data test UAR" in outs[0][0] and "full-data" not in outs[1][0]   # one writer
     single = subprocess.run([sys.executable, "-m", "experiments.run", f"--workdir={tmp_path / 'single'}", *flags],
                             cwd=ROOT, env={**base, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
                             capture_output=True, text=True, timeout=600)

@@ -166,11 +166,11 @@ def prepare(root: str | Path, out_dir: str | Path, cfg: PrepareConfig = PrepareC
         empty = [name for name, code in splits.CODES.items() if not np.any(fold == code)]
         if empty:
             raise corpora.CorpusError(f"--protocol={protocol}: fold {k} has no {'/'.join(empty)} clips")
-    for k, fold in enumerate(folds):
-        untrained = [e for c, e in enumerate(emotions) if not np.any((y == c) & (fold == splits.CODES["train"]))]
-        if untrained:
-            raise corpora.CorpusError(f"--protocol={protocol}: fold {k} has no training clips of "
-                                      f"{', '.join(untrained)}; drop it from --emotions or change the split")
+    # a class no model of a fold can learn: said in the manifest and the summary (not an error: small
+    # fold protocols can leave a rare class out of one fold's training speakers)
+    untrained = {str(k): [e for c, e in enumerate(emotions) if not np.any((y == c) & (fold == splits.CODES["train"]))]
+                 for k, fold in enumerate(folds)}
+    untrained = {k: v for k, v in untrained.items() if v}
     x, mean, std = cache_lib.normalise(x, folds[0] == splits.CODES["train"])
     arrays = {"x": x, "y": y, "speaker": spk, "split": folds[0], "folds": folds, "mel_mean": mean, "mel_std": std}
     manifest = {
@@ -188,7 +188,7 @@ def prepare(root: str | Path, out_dir: str | Path, cfg: PrepareConfig = PrepareC
                   for i, (it, s) in enumerate(rows)],
         "extracted_files": len(todo), "reused_files": len(keep) - len(todo),
         "skipped": skipped, "excluded_other_emotions": excluded, "unexpected_sample_rates": odd_rates,
-        "short_clips": short,
+        "short_clips": short, "classes_without_training_clips": untrained,
         "input_hash": input_hash, "hash": cache_lib.array_hash(arrays),
     }
     # Arrays first, manifest last: a manifest on disk always names arrays that are complete.
@@ -294,6 +294,9 @@ def summary(fs: cache_lib.FeatureSet) -> str:
     if odd:
         lines.append(f"{len(odd)} file(s) at an unexpected sample rate (resampled), e.g. {odd[0]['path']}: "
                      f"{odd[0]['note']}")
+    for k, missing in m.get("classes_without_training_clips", {}).items():
+        lines.append(f"WARNING: fold {k} has no training clips of {', '.join(missing)}: its models cannot learn "
+                     f"{'that class' if len(missing) == 1 else 'those classes'}")
     short = m.get("short_clips", [])
     if short:
         shortest = min(short, key=lambda c: c["seconds"])
