@@ -9,7 +9,6 @@ finished chunk is saved, so an interrupted run resumes with the chunks still to 
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import jax
 import numpy as np
 
 from sersynth import train
-from sersynth.io import atomic_save_npz, atomic_write_json, fingerprint, load_npz, read_json, is_writer
+from sersynth.io import as_json, atomic_save_npz, atomic_write_json, fingerprint, load_npz, read_json, is_writer
 from sersynth.models import FlatModel, ModelSpec
 
 STORAGE_DTYPES = ("float32", "float16")
@@ -74,7 +73,7 @@ def train_experts(fm: FlatModel, cfg: train.TrainConfig, x_train, y_train, n_cla
     for c0 in tqdm(range(0, n_experts, chunk), desc="experts", unit="chunk", disable=not progress or chunk == n_experts):
         part = out / f"chunk_{tag}_{c0:03d}.npz"
         if part.is_file():
-            z = load_npz(part, advice=f"delete it to retrain those experts")
+            z = load_npz(part, advice="delete it to retrain those experts")
         else:
             t0 = time.perf_counter()
             ids = np.arange(c0, min(c0 + chunk, n_experts))
@@ -130,6 +129,6 @@ def check_compatible(experts: Experts, spec: ModelSpec, cache_hash: str) -> None
     if experts.meta["cache_hash"] != cache_hash:
         raise ExpertsMismatch(f"experts were trained on feature cache {experts.meta['cache_hash']}, "
                               f"this run uses {cache_hash}; re-run the experts stage")
-    if json.loads(json.dumps(experts.meta["model"])) != json.loads(json.dumps(spec.to_json())):   # tuples as lists
+    if as_json(experts.meta["model"]) != as_json(spec.to_json()):
         raise ExpertsMismatch(f"experts were trained for model {experts.meta['model']}, this run asks for "
                               f"{spec.to_json()}; re-run the experts stage")

@@ -114,6 +114,12 @@ class DirectoryLocked(RuntimeError):
     """Another live process holds the folder's lock."""
 
 
+def as_json(obj: Any) -> Any:
+    """``obj`` as it reads back from JSON (tuples become lists, numpy scalars numbers), so a live
+    configuration compares equal to the one a file recorded."""
+    return json.loads(json.dumps(obj, default=_json_default))
+
+
 def fingerprint(obj: Any) -> str:
     """Short stable hash of a JSON-able object (configs, manifests)."""
     blob = json.dumps(obj, sort_keys=True, default=_json_default).encode()

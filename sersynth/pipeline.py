@@ -27,7 +27,7 @@ from sersynth import privacy
 from sersynth import report as report_lib
 from sersynth import train
 from sersynth.data import cache as cache_lib
-from sersynth.io import (DirectoryLocked, atomic_save_npz, atomic_write_bytes, atomic_write_json, load_npz,
+from sersynth.io import (DirectoryLocked, as_json, atomic_save_npz, atomic_write_bytes, atomic_write_json, load_npz,
                          lock_dir, read_json)
 from sersynth.models import ModelSpec, flat_model
 
@@ -101,7 +101,7 @@ class RunConfig:
             d.pop(volatile)
         for key in ("cache_dir", "corpus_dir"):
             d[key] = ",".join(str(Path(p).resolve()) for p in d[key].split(",")) if d[key] else ""
-        return json.loads(json.dumps(d, default=list))
+        return as_json(d)
 
     def validate(self) -> None:
         bad = [s for s in self.stages if s not in STAGES]
@@ -131,25 +131,25 @@ class RunConfig:
             raise RunError(f"no feature cache in {self.paths['cache']}; run the prepare stage or set --cache_dir")
 
 
-def _record_stage_seconds(cfg: RunConfig, stage: str, seconds: float) -> None:
-    """Wall time of a stage as last run, in ``<workdir>/stage_seconds.json`` (read into the report)."""
+def _recorded_stage_seconds(cfg: RunConfig) -> dict:
+    """``<workdir>/stage_seconds.json``: wall time of each stage as last run ({} if absent or unreadable)."""
     path = Path(cfg.workdir) / "stage_seconds.json"
     try:
         times = read_json(path) if path.is_file() else {}
     except ValueError:
-        times = {}
-    atomic_write_json(path, {**(times if isinstance(times, dict) else {}), stage: round(seconds, 3)})
+        return {}
+    return times if isinstance(times, dict) else {}
+
+
+def _record_stage_seconds(cfg: RunConfig, stage: str, seconds: float) -> None:
+    atomic_write_json(Path(cfg.workdir) / "stage_seconds.json",
+                      {**_recorded_stage_seconds(cfg), stage: round(seconds, 3)})
 
 
 def _stage_seconds(cfg: RunConfig, ex: experts_lib.Experts, distilled: dict, evaluate: float) -> dict:
     """Seconds per stage: prepare as last run; experts and distillation as recorded with their
     artifacts (summed over resumed parts); this evaluation's."""
-    path = Path(cfg.workdir) / "stage_seconds.json"
-    try:
-        recorded = read_json(path) if path.is_file() else {}
-    except ValueError:
-        recorded = {}
-    out = {"prepare": recorded.get("prepare") if isinstance(recorded, dict) else None,
+    out = {"prepare": _recorded_stage_seconds(cfg).get("prepare"),
            "experts": ex.meta.get("train_seconds_total"), "distill": distilled["meta"].get("seconds"),
            "evaluate": round(evaluate, 3)}
     out["total"] = round(sum(v for v in out.values() if v is not None), 3)
