@@ -13,6 +13,7 @@ import sys
 from absl import app, flags, logging
 
 from sersynth import dist, distill, pipeline, train
+from sersynth import tune as tune_lib
 from sersynth.data import prepare
 
 F = flags.FLAGS
@@ -50,6 +51,8 @@ flags.DEFINE_float("expert_lr_decay", 1.0, "expert lr multiplied by this every -
 flags.DEFINE_integer("expert_lr_decay_every", 0, "epochs between lr decays (paper: 5; 0: constant)")
 flags.DEFINE_integer("expert_train_epochs", 50, "epochs per expert (paper: 50)")
 flags.DEFINE_integer("expert_batch_size", 256, "expert minibatch")
+flags.DEFINE_integer("expert_min_steps_per_epoch", 0, "an expert epoch is at least this many minibatch steps (several "
+                     "passes over a small training set; also the full-data reference's epochs); 0: one pass")
 flags.DEFINE_bool("expert_augment", True, "SpecAugment-style augmentation while training experts")
 flags.DEFINE_enum("trajectory_dtype", "float32", ["float32", "float16"], "storage dtype of expert trajectories")
 flags.DEFINE_enum("parallel", "auto", ["auto", "vmap", "loop"],
@@ -67,7 +70,8 @@ flags.DEFINE_float("lr_img", 1000.0, "SGD step on the synthetic spectrograms (pa
 flags.DEFINE_float("lr_lr", 1e-3, "SGD step (momentum --outer_momentum) on the learnable lr (paper, MTT: 1e-3 on the raw lr)")
 flags.DEFINE_enum("lr_param", "raw", ["raw", "log"], "learn the raw inner lr (MTT, the paper) or log(lr)")
 flags.DEFINE_float("lr_min", 1e-6, "floor of the learned raw lr (kept positive; hits are counted and reported)")
-flags.DEFINE_float("lr_init", 1e-3, "initial learnable inner lr (paper: 1e-3)")
+flags.DEFINE_float("lr_init", 1e-3, "initial learnable inner lr (paper: 1e-3); 0: auto, the lr at which --syn_steps "
+                   "steps cover the experts' --expert_epochs of plain-SGD steps (Adam experts: --expert_lr)")
 flags.DEFINE_float("outer_momentum", 0.5, "momentum of the outer SGD optimisers")
 flags.DEFINE_bool("learn_labels", False, "learn soft labels too")
 flags.DEFINE_float("lr_labels", 2.0, "SGD step on the soft-label logits")
@@ -85,19 +89,29 @@ flags.DEFINE_integer("mesh_devices", 0, "spread the experts, the synthetic set a
 flags.DEFINE_string("coordinator_address", "", "multi-host: host:port of process 0 (enables jax.distributed)")
 flags.DEFINE_integer("num_processes", 1, "multi-host: number of processes")
 flags.DEFINE_integer("process_id", 0, "multi-host: this process's index")
+flags.DEFINE_bool("tune", False, "before distilling, try the settings of --tune_grid (short distillations from the "
+                  "same experts, scored on validation speakers) and distil with the best; resumable")
+flags.DEFINE_string("tune_grid", "lr_img=100,300,1000;lr_init=0,0.01",
+                    "--tune: name=v1,v2;name=v1,v2 over lr_img, lr_init, lr_lr, syn_steps, expert_epochs, "
+                    "max_start_epoch, batch_syn, syn_init, syn_init_mix, syn_augment, learn_labels")
+flags.DEFINE_integer("tune_iterations", 0, "--tune: outer steps per trial (0: --iterations)")
+flags.DEFINE_integer("tune_trials", 0, "--tune: at most this many trials, a seeded sample of the grid (0: all)")
 flags.DEFINE_integer("eval_every", 0, "validate the synthetic set every N iterations and keep the best (0: keep the last)")
 flags.DEFINE_integer("checkpoint_every", 50, "checkpoint the distillation every N iterations")
 flags.DEFINE_integer("log_every", 10, "write metrics every N iterations (the only host syncs of the loop)")
 # --- evaluation --------------------------------------------------------------------------------
 flags.DEFINE_integer("eval_seeds", 5, "random initialisations / random subsets per evaluated setting")
 flags.DEFINE_integer("eval_epochs", 300, "epochs when training on the distilled set or a random subset")
-flags.DEFINE_list("eval_lr_grid", ["0.3", "1", "3"], "random-subset baseline: expert lr multipliers tried on val")
+flags.DEFINE_list("eval_lr_grid", ["0.3", "1", "3"], "lr candidates of every small-set setting (distilled, random "
+                  "subset, herding), each choosing on validation: the learned lr and --expert_lr x each of these")
 flags.DEFINE_enum("eval_optimizer", "learned_sgd", list(pipeline.EVAL_OPTIMIZERS),
                   "training on distilled/subset data: learned_sgd (plain SGD, the learned lr), mtt (MTT's evaluation: "
                   "momentum 0.9, weight decay 5e-4, learned lr x0.1 at half the epochs) or expert (the experts' "
                   "optimiser and schedule, the paper)")
 flags.DEFINE_integer("eval_select_every", 0, "when training on distilled/subset data, check validation UAR every N "
                      "epochs and keep each model at its best (early stopping for every setting alike; 0: last epoch)")
+flags.DEFINE_integer("eval_patience", 0, "stop training on distilled/subset data once no model improved on "
+                     "validation for N checks of --eval_select_every (0: train every epoch)")
 flags.DEFINE_integer("reference_epochs", 0, "full-data reference models (the ratio's denominator): epochs, each "
                      "kept at its best validation UAR (0: --expert_train_epochs)")
 flags.DEFINE_integer("eval_batch_size", 0, "minibatch when training on distilled/subset data (0: --expert_batch_size)")
@@ -113,6 +127,11 @@ def config_from_flags() -> pipeline.RunConfig:
         lr_grid = tuple(float(v) for v in F.eval_lr_grid)
     except ValueError as e:
         raise pipeline.RunError(f"--split / --eval_lr_grid must be numbers: {e}") from None
+    try:
+        tune = tune_lib.TuneConfig(grid=tune_lib.parse_grid(F.tune_grid), iterations=F.tune_iterations,
+                                   max_trials=F.tune_trials) if F.tune else tune_lib.TuneConfig()
+    except ValueError as e:
+        raise pipeline.RunError(str(e)) from None
     if len(split) != 3:
         raise pipeline.RunError(f"--split needs three fractions (train,val,test), got {F.split}")
     return pipeline.RunConfig(
@@ -131,7 +150,8 @@ def config_from_flags() -> pipeline.RunConfig:
         expert_train=train.TrainConfig(
             optimizer=F.expert_optimizer, lr=F.expert_lr, momentum=F.expert_momentum,
             weight_decay=F.expert_weight_decay, lr_decay=F.expert_lr_decay, lr_decay_every=F.expert_lr_decay_every,
-            epochs=F.expert_train_epochs, batch_size=F.expert_batch_size, augment=F.expert_augment),
+            epochs=F.expert_train_epochs, batch_size=F.expert_batch_size, augment=F.expert_augment,
+            min_steps_per_epoch=F.expert_min_steps_per_epoch),
         n_experts=F.n_experts, trajectory_dtype=F.trajectory_dtype,
         parallel="" if F.parallel == "auto" else F.parallel, epoch_mode="" if F.epoch_mode == "auto" else F.epoch_mode,
         distill=distill.DistillConfig(
@@ -143,7 +163,7 @@ def config_from_flags() -> pipeline.RunConfig:
             augment=F.syn_augment, remat=F.remat, segment=F.remat_segment, unroll=F.scan_unroll),
         mesh_devices=F.mesh_devices, eval_every=F.eval_every, checkpoint_every=F.checkpoint_every, log_every=F.log_every,
         eval_seeds=F.eval_seeds, eval_epochs=F.eval_epochs, eval_lr_grid=lr_grid, eval_optimizer=F.eval_optimizer,
-        eval_batch_size=F.eval_batch_size, eval_select_every=F.eval_select_every, reference_epochs=F.reference_epochs,
+        eval_batch_size=F.eval_batch_size, eval_select_every=F.eval_select_every, eval_patience=F.eval_patience, tune=tune, reference_epochs=F.reference_epochs,
         render_per_class=F.render_per_class, privacy_audit=F.privacy_audit)
 
 

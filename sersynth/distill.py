@@ -68,7 +68,7 @@ class DistillConfig:
     iterations: int = 60            # outer steps (paper: 60)
     lr_img: float = 1000.0          # SGD step on the synthetic data (paper: 1000)
     momentum: float = 0.5           # momentum of the outer optimisers (MTT: 0.5)
-    lr_init: float = 1e-3           # initial learnable inner lr (paper: 1e-3)
+    lr_init: float = 1e-3           # initial learnable inner lr (paper: 1e-3); 0 = auto (see resolve_lr_init)
     lr_lr: float = 1e-3             # SGD step on the lr (paper: 1e-3 on the raw lr, as MTT)
     lr_param: str = "raw"           # raw (MTT, the paper) | log (SGD on log lr)
     lr_min: float = 1e-6            # raw: floor that keeps the learned lr positive
@@ -89,9 +89,11 @@ class DistillConfig:
             (self.max_start_epoch >= 1, f"--max_start_epoch must be >= 1, got {self.max_start_epoch}"),
             (self.batch_syn >= 0, f"--batch_syn must be >= 0, got {self.batch_syn}"),
             (self.iterations >= 1, f"--iterations must be >= 1, got {self.iterations}"),
-            (self.lr_img > 0 and self.lr_init > 0 and self.lr_lr >= 0, "--lr_img and --lr_init must be > 0, --lr_lr >= 0"),
+            (self.lr_img > 0 and self.lr_init >= 0 and self.lr_lr >= 0,
+             "--lr_img must be > 0, --lr_init >= 0 (0: auto), --lr_lr >= 0"),
             (self.lr_param in LR_PARAMS, f"--lr_param must be raw or log, got {self.lr_param!r}"),
-            (0 < self.lr_min < self.lr_init, f"--lr_min must be in (0, --lr_init={self.lr_init}), got {self.lr_min}"),
+            (0 < self.lr_min and (self.lr_init == 0 or self.lr_min < self.lr_init),
+             f"--lr_min must be in (0, --lr_init={self.lr_init}), got {self.lr_min}"),
             (self.init in ("real", "mix", "noise"), f"--syn_init must be real, mix or noise, got {self.init!r}"),
             (self.init_mix >= 1, f"--syn_init_mix must be >= 1, got {self.init_mix}"),
             (self.remat in REMAT_CHOICES, f"--remat must be one of {', '.join(REMAT_CHOICES)}, got {self.remat!r}"),
@@ -107,6 +109,25 @@ class DistillConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+    def resolve_lr_init(self, expert_lr: float, expert_optimizer: str, expert_momentum: float,
+                        expert_steps_per_epoch: int) -> "DistillConfig":
+        """This config with ``lr_init=0`` (auto) replaced by a starting lr the student can cover the
+        expert's segment with.
+
+        For plain-SGD experts: the lr at which ``syn_steps`` student steps add up to the experts'
+        ``expert_epochs * steps_per_epoch`` steps at their (momentum-amplified) lr,
+        ``lr_expert / (1 - momentum) * expert_epochs * steps_per_epoch / syn_steps``, so that the
+        matching does not start by having to grow the lr by orders of magnitude (the raw lr moves
+        by ``lr_lr`` per unit of gradient). For Adam experts, whose steps are not lr-scaled
+        gradients, the experts' lr (MTT's choice). ``lr_min`` is kept below the result."""
+        if self.lr_init > 0:
+            return self
+        if expert_optimizer == "sgd":
+            lr = expert_lr / (1.0 - expert_momentum) * self.expert_epochs * expert_steps_per_epoch / self.syn_steps
+        else:
+            lr = expert_lr
+        return dataclasses.replace(self, lr_init=float(lr), lr_min=min(self.lr_min, float(lr) / 100))
 
     def segment_length(self) -> int:
         if self.segment:
@@ -449,6 +470,8 @@ def distill(fm: FlatModel, cfg: DistillConfig, trajectories: np.ndarray, x_train
     from tqdm import tqdm
 
     cfg.validate(trajectories.shape[1] - 1)
+    if cfg.lr_init <= 0:
+        raise ValueError("--lr_init=0 (auto) must be resolved first (DistillConfig.resolve_lr_init)")
     donate = default_donate() if donate is None else donate
     root = jax.random.key(seed)
     state = init_state(cfg, x_train, y_train, n_classes, jax.random.fold_in(root, 1_000_003))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
@@ -54,33 +55,40 @@ def score(fm: FlatModel, params, eval_sets: dict, n_classes: int):
 
 class BestOnValidation:
     """Early stopping by model selection: called with ``(epoch, params [S, P])`` during training, it
-    keeps each model's parameters at its best validation UAR so far (ties: the later epoch)."""
+    keeps each model's parameters at its best validation UAR so far (ties: the later epoch).
 
-    def __init__(self, fm: FlatModel, x_val: np.ndarray, y_val: np.ndarray, n_classes: int):
-        self.fm, self.x, self.y, self.n_classes = fm, x_val, y_val, n_classes
+    With ``patience`` > 0 it returns True (stop training) once no model has improved its best
+    validation UAR strictly for ``patience`` checks in a row."""
+
+    def __init__(self, fm: FlatModel, x_val: np.ndarray, y_val: np.ndarray, n_classes: int, patience: int = 0):
+        self.fm, self.x, self.y, self.n_classes, self.patience = fm, x_val, y_val, n_classes, patience
         self.params, self.score, self.epoch = None, None, None
+        self.stale = 0                      # checks since any model last improved strictly
 
-    def __call__(self, epoch: int, params: np.ndarray) -> None:
+    def __call__(self, epoch: int, params: np.ndarray) -> bool:
         scores = np.array([train.uar(self.y, p, self.n_classes) for p in train.predict(self.fm, params, self.x)])
         if self.params is None:
             self.params, self.score, self.epoch = params.copy(), scores, np.full(len(scores), epoch)
-            return
+            return False
+        self.stale = 0 if np.any(scores > self.score) else self.stale + 1
         better = scores >= self.score
         self.params[better], self.score[better], self.epoch[better] = params[better], scores[better], epoch
+        return bool(self.patience and self.stale >= self.patience)
 
 
 def train_and_score(name: str, fm: FlatModel, cfg: train.TrainConfig, x, targets, inits, key, eval_sets: dict,
                     n_classes: int, *, lr: float | None = None, parallel: str | None = None,
                     epoch_mode: str | None = None, progress: bool = False, mesh=None, select_every: int = 0,
-                    **extra) -> Result:
+                    patience: int = 0, **extra) -> Result:
     """Trains ``len(inits)`` models on ``(x, targets)`` (spread over ``mesh`` if given) and scores
     them on each of ``eval_sets``.
 
     With ``select_every`` > 0 each model is checked on ``eval_sets["val"]`` every that many epochs
     (and at the end) and kept at its best validation UAR (early stopping by model selection; the
-    epochs chosen are in ``extra["selected_epoch"]``); test data are never read for it."""
+    epochs chosen are in ``extra["selected_epoch"]``); with ``patience`` > 0 training stops once no
+    model has improved for that many checks. Test data are never read for either."""
     t0 = time.perf_counter()
-    best = BestOnValidation(fm, *eval_sets["val"], n_classes) if select_every else None
+    best = BestOnValidation(fm, *eval_sets["val"], n_classes, patience) if select_every else None
     params, _, _ = train.fit(fm, cfg, x, targets, jax.numpy.asarray(inits), key, lr=lr, parallel=parallel,
                              epoch_mode=epoch_mode, progress=progress, desc=name, mesh=mesh, on_epochs=best,
                              every=select_every)
@@ -92,6 +100,34 @@ def train_and_score(name: str, fm: FlatModel, cfg: train.TrainConfig, x, targets
         extra["selected_epoch"] = best.epoch.tolist()
     uar, wa, cm = score(fm, params, eval_sets, n_classes)
     return Result(name, uar, wa, cm, seconds, int(np.asarray(x).shape[0]), extra, params)
+
+
+def merge_seeds(name: str, runs: list[Result], n_train: int, extra: dict | None = None) -> Result:
+    """One result from single-seed results (e.g. one random subset per seed), seeds in order."""
+    splits = list(runs[0].uar)
+    params = [r.params for r in runs]
+    return Result(name, {k: sum((r.uar[k] for r in runs), []) for k in splits},
+                  {k: sum((r.wa[k] for r in runs), []) for k in splits},
+                  {k: np.sum([r.confusion[k] for r in runs], axis=0).tolist() for k in splits},
+                  sum(r.train_seconds for r in runs), n_train, dict(extra or {}),
+                  None if any(p is None for p in params) else jax.numpy.concatenate(params))
+
+
+def choose_lr(train_at: Callable[[float], Result], candidates: Sequence[float]) -> Result:
+    """Trains one setting at every candidate lr (``train_at(lr)``) and keeps the one whose models
+    have the best mean validation UAR (ties: the earlier candidate). The chosen lr is in
+    ``extra["lr"]``, every candidate's mean validation UAR in ``extra["lr_val_uar"]``, and
+    ``train_seconds`` counts every candidate's training."""
+    best, tried, seconds = None, {}, 0.0
+    for lr in candidates:
+        r = train_at(lr)
+        seconds += r.train_seconds
+        tried[f"{lr:.6g}"] = r.mean_std("val")[0]
+        if best is None or tried[f"{lr:.6g}"] > best.mean_std("val")[0]:
+            best, best_lr = r, lr
+    best.extra.update(lr=float(best_lr), lr_val_uar=tried)
+    best.train_seconds = seconds
+    return best
 
 
 def random_subset(y: np.ndarray, per_class: int, n_classes: int, rng: np.random.Generator) -> np.ndarray:

@@ -26,6 +26,7 @@ from sersynth import experts as experts_lib
 from sersynth import privacy
 from sersynth import report as report_lib
 from sersynth import train
+from sersynth import tune as tune_lib
 from sersynth.data import cache as cache_lib
 from sersynth.io import (DirectoryLocked, as_json, atomic_save_npz, atomic_write_bytes, atomic_write_json, load_npz,
                          lock_dir, read_json)
@@ -76,11 +77,13 @@ class RunConfig:
     # evaluation
     eval_seeds: int = 5
     eval_epochs: int = 300                # epochs on distilled / subset data
-    eval_lr_grid: tuple[float, ...] = (0.3, 1.0, 3.0)   # subset baseline lr = expert lr x each, chosen on val
+    eval_lr_grid: tuple[float, ...] = (0.3, 1.0, 3.0)   # lr candidates: the learned lr and expert lr x each
     eval_optimizer: str = "learned_sgd"   # learned_sgd | mtt | expert (see _eval_config)
     eval_batch_size: int = 0              # minibatch when training on small sets; 0 = the experts' batch size
     eval_select_every: int = 0            # keep each model at its best validation UAR, checked every N epochs (0: last)
+    eval_patience: int = 0                # stop when no model improved on validation for N checks (0: never)
     reference_epochs: int = 0             # full-data reference models: epochs (0 = the experts'), best on validation
+    tune: tune_lib.TuneConfig = tune_lib.TuneConfig()   # --tune: grid searched on validation before distilling
     render_per_class: int = 2
     privacy_audit: bool = True            # distances to the closest training clip + membership inference
 
@@ -121,12 +124,19 @@ class RunConfig:
             raise RunError("--parallel must be vmap, loop or auto; --epoch_mode scan, host or auto")
         if self.eval_optimizer not in EVAL_OPTIMIZERS:
             raise RunError(f"--eval_optimizer must be one of {', '.join(EVAL_OPTIMIZERS)}, got {self.eval_optimizer!r}")
-        if self.eval_select_every < 0 or self.reference_epochs < 0:
-            raise RunError("--eval_select_every and --reference_epochs must be >= 0")
+        if self.eval_select_every < 0 or self.reference_epochs < 0 or self.eval_patience < 0:
+            raise RunError("--eval_select_every, --eval_patience and --reference_epochs must be >= 0")
+        if self.eval_patience and not self.eval_select_every:
+            raise RunError("--eval_patience needs --eval_select_every (the validation checks it counts)")
         if self.eval_batch_size < 0:
             raise RunError(f"--eval_batch_size must be >= 0, got {self.eval_batch_size}")
         if not self.eval_lr_grid or min(self.eval_lr_grid) <= 0:
             raise RunError("--eval_lr_grid needs positive multipliers")
+        if self.tune.grid:
+            try:
+                self.tune.validate()
+            except ValueError as e:
+                raise RunError(str(e)) from None
         if "prepare" not in self.stages and not (self.paths["cache"] / "manifest.json").is_file():
             raise RunError(f"no feature cache in {self.paths['cache']}; run the prepare stage or set --cache_dir")
 
@@ -229,7 +239,7 @@ def stage_experts(cfg: RunConfig, fs: cache_lib.FeatureSet) -> experts_lib.Exper
     return ex
 
 
-def _eval_config(cfg: RunConfig, n_train: int) -> train.TrainConfig:
+def _eval_config(cfg: RunConfig) -> train.TrainConfig:
     """Training on a small set (distilled or a coreset) for ``eval_epochs`` in minibatches of
     ``eval_batch_size`` (default: the experts'; the last partial batch is kept), with the
     distillation's augmentation, by one of three protocols:
@@ -255,12 +265,20 @@ def _syn_lr(cfg: RunConfig, learned_lr: float) -> float | None:
     return None if cfg.eval_optimizer == "expert" else learned_lr
 
 
+def lr_candidates(cfg: RunConfig, learned_lr: float) -> list[float]:
+    """The lrs every small-set setting (distilled or coreset) may train at, each setting choosing
+    on validation: the learned lr (except with the experts' own optimiser) and the experts' lr x
+    each of ``eval_lr_grid``. The same candidates for every setting, so no setting is favoured."""
+    grid = [cfg.expert_train.lr * m for m in cfg.eval_lr_grid]
+    return list(dict.fromkeys(grid if cfg.eval_optimizer == "expert" else [learned_lr, *grid]))
+
+
 def _train_small(cfg, fm, x, targets, lr, inits, key, eval_sets, n_classes, name):
     """Trains on a small set (distilled or a real subset) with :func:`_eval_config` and scores it."""
-    return eval_lib.train_and_score(name, fm, _eval_config(cfg, x.shape[0]), x, targets, inits, key, eval_sets,
+    return eval_lib.train_and_score(name, fm, _eval_config(cfg), x, targets, inits, key, eval_sets,
                                     n_classes, lr=lr, parallel=cfg.parallel or None,
                                     epoch_mode=cfg.epoch_mode or None, mesh=distill_lib.data_mesh(cfg.mesh_devices),
-                                    select_every=cfg.eval_select_every)
+                                    select_every=cfg.eval_select_every, patience=cfg.eval_patience)
 
 
 def train_reference(cfg: RunConfig, fm, x, y, inits, key, eval_sets: dict, n_classes: int) -> eval_lib.Result:
@@ -276,14 +294,23 @@ def train_reference(cfg: RunConfig, fm, x, y, inits, key, eval_sets: dict, n_cla
                                     select_every=max(1, epochs // 10), epochs=epochs)
 
 
+def distill_config(cfg: RunConfig, n_train: int, values: dict | None = None) -> distill_lib.DistillConfig:
+    """The distillation settings of this run (with a tuning trial's or the tuned ``values`` applied)
+    and ``--lr_init=0`` (auto) resolved from the experts' optimiser and their steps per epoch on
+    ``n_train`` training clips."""
+    et = cfg.expert_train
+    d = dataclasses.replace(cfg.distill, **(values or {}))
+    return d.resolve_lr_init(et.lr, et.optimizer, et.momentum, et.steps_per_epoch(n_train))
+
+
 def stage_distill(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Experts) -> dict:
     fm = _model(cfg, fs)
+    x, y = fs.subset("train")
     try:
         experts_lib.check_compatible(ex, fm.spec, fs.hash)
-        cfg.distill.validate(ex.n_epochs)
+        distill_config(cfg, x.shape[0]).validate(ex.n_epochs)
     except ValueError as e:
         raise RunError(str(e)) from None
-    x, y = fs.subset("train")
     val = {"val": fs.subset("val")}
     inits = jnp.asarray(ex.inits[:cfg.eval_seeds])     # validation during distillation: eval_seeds of the experts' inits
     dist_dir = cfg.paths["distill"]
@@ -295,14 +322,26 @@ def stage_distill(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Expe
                          jax.random.key(cfg.seed + 7), val, fs.n_classes, "val")
         return r.mean_std("val")[0]
 
+    def distill_with(dcfg, folder, evaluate_every, tag):
+        return distill_lib.distill(
+            fm, dcfg, ex.params, x, y, fs.n_classes, cfg.seed, checkpoint_path=folder / "checkpoint.npz",
+            checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every,
+            on_log=lambda row: _log_metrics(cfg.paths["metrics"], {"stage": tag, **row}),
+            evaluate_every=evaluate_every, evaluate=evaluate if evaluate_every else None, progress=cfg.progress,
+            mesh=distill_lib.data_mesh(cfg.mesh_devices),
+            provenance=distill_lib.run_fingerprint(dcfg, fm.spec.to_json(), fs.hash, ex.meta["fingerprint"], cfg.seed))
+
+    tuned, values = None, {}
+    if cfg.tune.grid:
+        tuned = tune_search(cfg, x.shape[0], ex.n_epochs, distill_with, dist_dir / "tune")
+        values = tuned["chosen"]
+        logging.info("tune: chose %s (validation UAR %.3f of %d trials)", values, tuned["chosen_val_uar"],
+                     len(tuned["trials"]))
+    dcfg = distill_config(cfg, x.shape[0], values)
+    if dcfg.lr_init != cfg.distill.lr_init:
+        logging.info("--lr_init=0: starting the learned lr at %.4g", dcfg.lr_init)
     t0 = time.perf_counter()
-    final, best, evaluations = distill_lib.distill(
-        fm, cfg.distill, ex.params, x, y, fs.n_classes, cfg.seed, checkpoint_path=dist_dir / "checkpoint.npz",
-        checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every,
-        on_log=lambda row: _log_metrics(cfg.paths["metrics"], {"stage": "distill", **row}),
-        evaluate_every=cfg.eval_every, evaluate=evaluate if cfg.eval_every else None, progress=cfg.progress,
-        mesh=distill_lib.data_mesh(cfg.mesh_devices),
-        provenance=distill_lib.run_fingerprint(cfg.distill, fm.spec.to_json(), fs.hash, ex.meta["fingerprint"], cfg.seed))
+    final, best, evaluations = distill_with(dcfg, dist_dir, cfg.eval_every, "distill")
     seconds = time.perf_counter() - t0
     if (dist_dir / "checkpoint.npz").is_file():      # every resumed part of the distillation
         seconds = distill_lib.checkpoint_seconds(dist_dir / "checkpoint.npz")
@@ -313,15 +352,42 @@ def stage_distill(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Expe
            "lr": np.asarray(distill_lib.inner_lr(chosen.params))}
     atomic_save_npz(dist_dir / "distilled.npz", out)
     meta = {"model": fm.spec.to_json(), "cache_hash": fs.hash, "experts": ex.meta["fingerprint"],
-            "distill": dataclasses.asdict(cfg.distill), "selected_iteration": int(selected),
+            "distill": dataclasses.asdict(dcfg), "selected_iteration": int(selected),
             "evaluations": evaluations, "seconds": seconds, "classes": fs.classes,
             "lr_floor_iterations": int(final.n_lr_floor)}
+    if tuned is not None:
+        meta["tune"] = tuned
     atomic_write_json(dist_dir / "meta.json", meta)
     logging.info("distilled %d samples in %.1f s; selected iteration %d (val UAR %s)", out["x"].shape[0], seconds,
                  selected, f"{max(e['score'] for e in evaluations):.3f}" if evaluations else "n/a")
     if evaluations and selected == 0:
         logging.warning(NOT_DISTILLED)
     return {**out, "meta": meta}
+
+
+def tune_search(cfg: RunConfig, n_train: int, n_expert_epochs: int, distill_with, folder: Path) -> dict:
+    """``--tune``: every trial distils for ``tune.iterations`` (default: the run's) from the same
+    experts, validating as the run does (every ``eval_every`` iterations, else at the end); a
+    trial's score is its best validation UAR after the starting set (iteration 0 is the same for
+    every trial and says nothing about the settings). Trials whose settings cannot be distilled
+    (e.g. more expert epochs than stored) are refused before any trial runs."""
+    n_it = cfg.tune.iterations or cfg.distill.iterations
+    trials = cfg.tune.trials(cfg.seed)
+    for values in trials:
+        try:
+            dataclasses.replace(distill_config(cfg, n_train, values), iterations=n_it).validate(n_expert_epochs)
+        except ValueError as e:
+            raise RunError(f"--tune_grid trial {values}: {e}") from None
+
+    def run_trial(i, values):
+        dcfg = dataclasses.replace(distill_config(cfg, n_train, values), iterations=n_it)
+        final, _, evaluations = distill_with(dcfg, folder / f"trial_{i:03d}", cfg.eval_every or n_it, f"tune{i}")
+        after = [e for e in evaluations if e["step"] > 0]
+        best = max(after, key=lambda e: (e["score"], e["step"]))
+        return {"val_uar": best["score"], "iteration": int(best["step"]), "lr_init": dcfg.lr_init,
+                "learned_lr": float(distill_lib.inner_lr(final.params)), "evaluations": evaluations}
+
+    return tune_lib.search(cfg.tune, cfg.seed, folder, run_trial, progress=cfg.progress)
 
 
 def load_distilled(cfg: RunConfig) -> dict:
@@ -352,34 +418,28 @@ def stage_evaluate(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Exp
                                            int(x_tr.shape[0]), {"epochs": ex.n_epochs, "seeds": "experts"})
     results["full_data_reference"] = train_reference(cfg, fm, x_tr, y_tr, ex.inits[:cfg.eval_seeds],
                                                      jax.random.fold_in(key, 4), sets, n_classes)
-    results["distilled_fixed_init"] = _train_small(cfg, fm, x_syn, t_syn, _syn_lr(cfg, lr), ex.inits, key, sets,
-                                                   n_classes, "distilled_fixed_init")
+    # Every small set (distilled, random, herding) chooses its lr on validation from the same candidates.
+    cands = lr_candidates(cfg, lr)
+
+    def small(name, x, targets, inits, k):
+        return eval_lib.choose_lr(lambda l: _train_small(cfg, fm, x, targets, l, inits, k, sets, n_classes, name),
+                                  cands)
+
+    results["distilled_fixed_init"] = small("distilled_fixed_init", x_syn, t_syn, ex.inits, key)
     random_inits = fm.init_many(jax.random.split(jax.random.fold_in(key, 1), cfg.eval_seeds))
-    results["distilled_random_init"] = _train_small(cfg, fm, x_syn, t_syn, _syn_lr(cfg, lr), random_inits,
-                                                    jax.random.fold_in(key, 2), sets, n_classes,
-                                                    "distilled_random_init")
-    # Random real subset of the same size, trained from the same fixed inits; its lr chosen on val.
+    results["distilled_random_init"] = small("distilled_random_init", x_syn, t_syn, random_inits,
+                                             jax.random.fold_in(key, 2))
+    # Random real subsets of the same size (one per seed), trained from the experts' inits.
     rng = np.random.default_rng(cfg.seed + 13)
     subsets = [eval_lib.random_subset(y_tr, ipc, n_classes, rng) for _ in range(cfg.eval_seeds)]
-    best = None
-    for mult in cfg.eval_lr_grid:
-        runs = [_train_small(cfg, fm, x_tr[idx], train.one_hot(y_tr[idx], n_classes), cfg.expert_train.lr * mult,
-                             ex.inits[[s % ex.inits.shape[0]]], jax.random.fold_in(key, 100 + s),
-                             sets, n_classes, "random_subset") for s, idx in enumerate(subsets)]
-        merged = eval_lib.Result(
-            "random_subset_fixed_init", {k: [r.uar[k][0] for r in runs] for k in sets},
-            {k: [r.wa[k][0] for r in runs] for k in sets},
-            {k: np.sum([r.confusion[k] for r in runs], axis=0).tolist() for k in sets},
-            sum(r.train_seconds for r in runs), n_syn, {"lr": cfg.expert_train.lr * mult})
-        if best is None or merged.mean_std("val")[0] > best.mean_std("val")[0]:
-            best = merged
-    results["random_subset_fixed_init"] = best
-    # Herding coreset of the same size (deterministic), from the experts' inits, at the subset's lr.
+    results["random_subset_fixed_init"] = eval_lib.choose_lr(lambda l: eval_lib.merge_seeds("random_subset_fixed_init", [
+        _train_small(cfg, fm, x_tr[idx], train.one_hot(y_tr[idx], n_classes), l, ex.inits[[s % ex.inits.shape[0]]],
+                     jax.random.fold_in(key, 100 + s), sets, n_classes, "random_subset") for s, idx in enumerate(subsets)],
+        n_syn), cands)
+    # Herding coreset of the same size (deterministic), from the experts' inits.
     idx = eval_lib.herding_subset(x_tr, y_tr, ipc, n_classes)
-    herd = _train_small(cfg, fm, x_tr[idx], train.one_hot(y_tr[idx], n_classes), best.extra["lr"], ex.inits,
-                        jax.random.fold_in(key, 3), sets, n_classes, "herding_subset_fixed_init")
-    herd.extra["lr"] = best.extra["lr"]
-    results["herding_subset_fixed_init"] = herd
+    results["herding_subset_fixed_init"] = small("herding_subset_fixed_init", x_tr[idx],
+                                                 train.one_hot(y_tr[idx], n_classes), ex.inits, jax.random.fold_in(key, 3))
 
     audit = None
     if cfg.privacy_audit:
@@ -427,7 +487,10 @@ def stage_evaluate(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Exp
               "devices": [str(d) for d in jax.devices()], "jax_version": jax.__version__,
               "results": {k: r.to_json() for k, r in results.items()}, "summary": summary, "privacy": audit,
               "protocol": fs.manifest.get("protocol", "speaker"), "fold": fs.manifest.get("fold", 0),
-              "model_selection": "on the validation split; the test split is read once, for this report"}
+              "model_selection": "on the validation split; the test split is read once, for this report",
+              "distill": distilled["meta"].get("distill"), "lr_candidates": cands}
+    if distilled["meta"].get("tune"):
+        report["tune"] = distilled["meta"]["tune"]
     if distilled["meta"].get("evaluations") and summary["selected_iteration"] == 0:
         report["warnings"] = [NOT_DISTILLED]
 

@@ -173,6 +173,10 @@ def summary_table(report: dict) -> str:
     if report.get("stage_seconds"):
         lines.append("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in report["stage_seconds"].items()
                                              if v is not None))
+    if report.get("tune"):
+        t = report["tune"]
+        lines.append(f"tune: {len(t['trials'])} trials on validation chose "
+                     + ", ".join(f"{k}={v}" for k, v in t["chosen"].items()) + f" (val UAR {t['chosen_val_uar']:.3f})")
     lines += [f"WARNING: {w}" for w in report.get("warnings", [])]
     return "\n".join(lines)
 
@@ -188,7 +192,7 @@ def markdown(report: dict, config: dict) -> str:
     import datetime
 
     s = report["summary"]
-    d = config.get("distill", {})
+    d = report.get("distill") or config.get("distill", {})       # as distilled (tuned values, lr_init resolved)
     lines = [f"# sersynth run: {report['corpus']}, {report['model']['name']}, {int(s['ipc'])} per class", "",
              f"{datetime.date.today().isoformat()} · {report['backend']} ({len(report['devices'])} device(s)) · "
              f"jax {report['jax_version']} · feature cache `{report['cache_hash']}` · protocol `{report['protocol']}`"
@@ -217,6 +221,12 @@ def markdown(report: dict, config: dict) -> str:
                   f"{s['dcr_frac_below_holdout_p1'] * 100:.1f}% of distilled samples are nearer than 99% of "
                   f"unseen clips. Membership-inference AUC: full data {s['mia_auc_full_data']:.3f}, distilled "
                   f"{s['mia_auc_distilled']:.3f} (0.5 = no leak)."]
+    if report.get("tune"):
+        t = report["tune"]
+        lines.append(f"- Settings chosen on validation (`--tune`, {len(t['trials'])} trials of "
+                     f"{t['iterations'] or d.get('iterations')} iterations): "
+                     + ", ".join(f"{k}={v}" for k, v in t["chosen"].items())
+                     + f" (validation UAR {t['chosen_val_uar'] * 100:.1f}; trials in `distill/tune/tune.json`).")
     lines += [f"- **Warning:** {w}" for w in report.get("warnings", [])]
     if report.get("stage_seconds"):
         lines.append("- Seconds per stage: " + ", ".join(f"{k} {v:.1f}" for k, v in report["stage_seconds"].items()

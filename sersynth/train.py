@@ -50,6 +50,14 @@ class TrainConfig:
     epochs: int = 50
     batch_size: int = 256
     augment: bool = False           # SpecAugment-style time shift and masks
+    min_steps_per_epoch: int = 0    # an epoch is at least this many steps (several passes on a small set)
+
+    def steps_per_epoch(self, n: int) -> int:
+        """Minibatch steps in one epoch over ``n`` samples: one pass (the last batch partial), or
+        ``min_steps_per_epoch`` full batches drawn from consecutive passes if that is more. On a
+        small corpus an epoch of one pass is a handful of steps; a floor keeps the experts' epochs
+        (the units of their trajectories) and their total training comparable across corpora."""
+        return max(-(-n // min(self.batch_size, n)), self.min_steps_per_epoch)
 
     def validate(self, prefix: str = "") -> None:
         if self.optimizer not in ("sgd", "adam"):
@@ -60,6 +68,8 @@ class TrainConfig:
             raise ValueError(f"--{prefix}epochs and --{prefix}batch_size must be >= 1")
         if not 0 < self.lr_decay <= 1 or self.lr_decay_every < 0:
             raise ValueError(f"--{prefix}lr_decay must be in (0, 1] and --{prefix}lr_decay_every >= 0")
+        if self.min_steps_per_epoch < 0:
+            raise ValueError(f"--{prefix}min_steps_per_epoch must be >= 0, got {self.min_steps_per_epoch}")
 
 
 def make_optimizer(cfg: TrainConfig, steps_per_epoch: int, lr: float | None = None) -> optax.GradientTransformation:
@@ -138,23 +148,29 @@ def make_step(fm: FlatModel, tx: optax.GradientTransformation, use_augment: bool
     return step
 
 
-def epoch_batches(key: jax.Array, n: int, batch: int) -> tuple[jax.Array, jax.Array]:
-    """``(ids [steps, batch], mask [steps, batch])`` of one shuffled epoch, ``steps = ceil(n / batch)``.
+def epoch_batches(key: jax.Array, n: int, batch: int, steps: int = 0) -> tuple[jax.Array, jax.Array]:
+    """``(ids [steps, batch], mask [steps, batch])`` of one shuffled epoch.
 
-    The last batch is partial when ``batch`` does not divide ``n``: it is padded to the fixed shape
-    with index 0 and mask 0, so every sample is seen once per epoch and nothing recompiles."""
-    steps = -(-n // batch)
-    perm = jnp.concatenate([jax.random.permutation(key, n), jnp.zeros(steps * batch - n, jnp.int32)])
-    mask = (jnp.arange(steps * batch) < n).astype(jnp.float32)
-    return perm.reshape(steps, batch), mask.reshape(steps, batch)
+    With ``steps`` <= ``ceil(n / batch)`` (or 0) one pass: the last batch is partial when ``batch``
+    does not divide ``n`` and is padded to the fixed shape with index 0 and mask 0, so every sample
+    is seen once per epoch and nothing recompiles. With more ``steps``, full batches cut from
+    consecutive independent permutations (every sample seen equally often, up to one)."""
+    one_pass = -(-n // batch)
+    if steps <= one_pass:
+        perm = jnp.concatenate([jax.random.permutation(key, n), jnp.zeros(one_pass * batch - n, jnp.int32)])
+        mask = (jnp.arange(one_pass * batch) < n).astype(jnp.float32)
+        return perm.reshape(one_pass, batch), mask.reshape(one_pass, batch)
+    passes = -(-steps * batch // n)
+    perm = jax.vmap(lambda k: jax.random.permutation(k, n))(jax.random.split(key, passes)).reshape(-1)
+    return perm[:steps * batch].reshape(steps, batch), jnp.ones((steps, batch), jnp.float32)
 
 
-def make_epoch(step: Callable, n: int, batch: int) -> Callable:
+def make_epoch(step: Callable, n: int, batch: int, steps: int = 0) -> Callable:
     """``epoch(flat, opt_state, x, targets, key, lr) -> (flat, opt_state, mean loss)`` as one ``lax.scan``."""
 
     def epoch(flat, opt_state, x, targets, key, lr):
         kperm, kaug = jax.random.split(key)
-        idx, mask = epoch_batches(kperm, n, batch)
+        idx, mask = epoch_batches(kperm, n, batch, steps)
 
         def body(carry, inputs):
             i, ids, m = inputs
@@ -189,9 +205,9 @@ def fit(fm: FlatModel, cfg: TrainConfig, x, targets, init: jax.Array, key: jax.A
         asynchronous dispatch runs the devices side by side. Results match one device.
       on_epochs: called as ``on_epochs(epoch, params [S, P] float32 numpy)`` after every ``every``
         epochs and after the last (e.g. model selection on validation, see
-        :func:`sersynth.evaluate.train_and_score`).
+        :func:`sersynth.evaluate.train_and_score`); returning True stops training there.
     Returns:
-      ``(params [S, P], losses [S, epochs], trajectory or None)``.
+      ``(params [S, P], losses [S, epochs trained], trajectory or None)``.
     """
     from tqdm import tqdm
 
@@ -253,7 +269,8 @@ def fit(fm: FlatModel, cfg: TrainConfig, x, targets, init: jax.Array, key: jax.A
         if record:
             traj.append(_gather(params, parallel, n_models))
         if on_epochs is not None and every and ((e + 1) % every == 0 or e + 1 == cfg.epochs):
-            on_epochs(e + 1, traj[-1] if record else _gather(params, parallel, n_models))
+            if on_epochs(e + 1, traj[-1] if record else _gather(params, parallel, n_models)) is True:
+                break                                               # early stop asked for by the callback
     final = jnp.asarray(_gather(params, parallel, n_models)) if mesh is not None else \
         (jnp.stack(params) if parallel == "loop" else params)
     return final, np.asarray(jnp.stack(losses, axis=1)), (np.stack(traj, axis=1) if record else None)
@@ -278,13 +295,14 @@ def _compiled(fm: FlatModel, cfg: TrainConfig, n: int, batch: int, parallel: str
     if hit is not None and hit[0] is fm:
         _COMPILED.move_to_end(key)
         return hit[1]
-    tx = make_optimizer(cfg, -(-n // batch), lr=1.0)
+    steps = cfg.steps_per_epoch(n)
+    tx = make_optimizer(cfg, steps, lr=1.0)
     step = make_step(fm, tx, cfg.augment)
-    unit = make_epoch(step, n, batch) if epoch_mode == "scan" else step
+    unit = make_epoch(step, n, batch, steps) if epoch_mode == "scan" else step
     in_axes = (0, 0, None, None, 0, None) if epoch_mode == "scan" else (0, 0, None, None, 0, 0, 0, None)
     vunit = jax.jit(jax.vmap(unit, in_axes=in_axes)) if parallel == "vmap" else None
     junit = jax.jit(unit) if parallel == "loop" else None
-    perms = jax.jit(jax.vmap(lambda k: epoch_batches(k, n, batch)))
+    perms = jax.jit(jax.vmap(lambda k: epoch_batches(k, n, batch, steps)))
     _COMPILED[key] = (fm, (tx, vunit, junit, perms))
     while len(_COMPILED) > 16:
         _COMPILED.popitem(last=False)

@@ -204,3 +204,20 @@ def test_espeak_corpus_is_read_as_ravdess(tmp_path):
     assert {it.speaker for it in items} == {"actor01", "actor02"}
     x, sr = sf.read(next(root.rglob("*.wav")))
     assert sr == 48000 and x.ndim == 1 and np.abs(x).max() > 0.05
+
+
+@pytest.mark.skipif(__import__("shutil").which("espeak-ng") is None, reason="espeak-ng is not installed")
+def test_espeak_corpus_is_read_as_emodb(tmp_path):
+    from sersynth.data import espeak_corpus
+
+    root = espeak_corpus.generate(tmp_path / "esp", actors=2, layout="emodb")
+    items, skipped = corpora.get("emodb").scan(root)
+    assert len(items) == 140 and not skipped
+    assert {it.label for it in items} == set(corpora.get("emodb").default_emotions)
+    assert {it.speaker for it in items} == {"spk03", "spk08"}
+    x, sr = sf.read(next(root.rglob("*.wav")))
+    assert sr == 16000 and x.ndim == 1 and np.abs(x).max() > 0.05
+    with pytest.raises(ValueError, match="at most|1..10"):
+        espeak_corpus.generate(tmp_path / "x", actors=11, layout="emodb")
+    with pytest.raises(ValueError, match="--layout"):
+        espeak_corpus.generate(tmp_path / "x", layout="iemocap")

@@ -279,3 +279,19 @@ def test_remat_auto_picks_the_fastest_policy_that_fits(setup):
     assert chosen.remat == "nested" and [t["remat"] for t in tried] == ["none", "step", "nested"]
     new, _ = compiled(*args)
     assert int(new.step) == 1
+
+
+def test_auto_lr_init_lets_the_student_cover_the_expert_segment():
+    """--lr_init=0: syn_steps x lr equals the experts' steps x lr over expert_epochs (SGD; momentum
+    m amplifies the expert's step by 1 / (1 - m)); Adam experts give their lr; an explicit lr_init
+    is kept; distill() refuses an unresolved 0."""
+    cfg = distill.DistillConfig(syn_steps=10, expert_epochs=2, max_start_epoch=1, lr_init=0, lr_min=1e-3)
+    cfg.validate()
+    r = cfg.resolve_lr_init(0.03, "sgd", 0.0, 30)
+    assert r.lr_init == pytest.approx(0.03 * 2 * 30 / 10) and r.lr_min == 1e-3
+    assert cfg.resolve_lr_init(0.03, "sgd", 0.5, 30).lr_init == pytest.approx(2 * 0.18)
+    assert cfg.resolve_lr_init(1e-3, "adam", 0.0, 30).lr_init == pytest.approx(1e-3)
+    assert cfg.resolve_lr_init(1e-3, "adam", 0.0, 30).lr_min == pytest.approx(1e-5)
+    assert dataclasses.replace(cfg, lr_init=0.02).resolve_lr_init(0.03, "sgd", 0.0, 30).lr_init == 0.02
+    with pytest.raises(ValueError, match="resolved"):
+        distill.distill(None, cfg, np.zeros((1, 3, 4), np.float32), None, None, 2, 0)

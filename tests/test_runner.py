@@ -50,6 +50,14 @@ def test_end_to_end_run_writes_every_artifact(finished_run):
     assert s["ipc"] == 2 and s["fraction_of_train"] == pytest.approx(6 / report["results"]["full_data"]["n_train"])
     assert 0 < s["storage_ratio_features"] < 1 and 0 < s["storage_ratio_audio"] < 1
     assert s["learned_lr"] > 0
+    # every small set chose its lr on validation from the same candidates: the learned lr, expert lr x grid
+    small = [report["results"][k]["extra"] for k in ("distilled_fixed_init", "distilled_random_init",
+                                                     "random_subset_fixed_init", "herding_subset_fixed_init")]
+    tried = [sorted(float(v) for v in e["lr_val_uar"]) for e in small]
+    assert all(t == tried[0] for t in tried)
+    assert tried[0] == pytest.approx(sorted([s["learned_lr"], 0.015, 0.05, 0.15]), rel=1e-5)
+    for e in small:
+        assert e["lr_val_uar"][f"{e['lr']:.6g}"] == max(e["lr_val_uar"].values())
     priv = report["privacy"]
     assert len(priv["dcr"]["synthetic"]) == 6 and priv["dcr"]["median_holdout"] > 0
     assert set(priv["membership_inference"]) == {"full_data", "distilled_fixed_init", "distilled_random_init"}
@@ -161,15 +169,20 @@ def test_eval_optimizer_choices():
                                         epochs=50, batch_size=32)
     base = dict(workdir="w", expert_train=expert, eval_epochs=30,
                 distill=pipeline.distill_lib.DistillConfig(batch_syn=256, augment=True))
-    paper = pipeline._eval_config(pipeline.RunConfig(eval_optimizer="expert", **base), 70)
+    paper = pipeline._eval_config(pipeline.RunConfig(eval_optimizer="expert", **base))
     assert (paper.optimizer, paper.lr, paper.lr_decay_every, paper.epochs, paper.batch_size) == ("adam", 1e-3, 5, 30, 32)
-    plain = pipeline._eval_config(pipeline.RunConfig(**base), 70)
+    plain = pipeline._eval_config(pipeline.RunConfig(**base))
     assert (plain.optimizer, plain.momentum, plain.lr_decay_every, plain.augment, plain.batch_size) == \
         ("sgd", 0.0, 0, True, 32)
-    mtt = pipeline._eval_config(pipeline.RunConfig(eval_optimizer="mtt", eval_batch_size=16, **base), 70)
+    mtt = pipeline._eval_config(pipeline.RunConfig(eval_optimizer="mtt", eval_batch_size=16, **base))
     assert (mtt.optimizer, mtt.momentum, mtt.weight_decay, mtt.lr_decay, mtt.lr_decay_every, mtt.batch_size) == \
         ("sgd", 0.9, 5e-4, 0.1, 15, 16)
     assert pipeline._syn_lr(pipeline.RunConfig(eval_optimizer="mtt", **base), 0.02) == 0.02
     assert pipeline._syn_lr(pipeline.RunConfig(eval_optimizer="expert", **base), 0.02) is None
+    assert pipeline.lr_candidates(pipeline.RunConfig(**base), 0.02) == pytest.approx([0.02, 3e-4, 1e-3, 3e-3])
+    assert pipeline.lr_candidates(pipeline.RunConfig(eval_optimizer="expert", **base), 0.02) == \
+        pytest.approx([3e-4, 1e-3, 3e-3])
+    with pytest.raises(pipeline.RunError, match="--eval_patience needs --eval_select_every"):
+        pipeline.RunConfig(eval_patience=2, **base).validate()
     with pytest.raises(pipeline.RunError, match="--eval_optimizer must be"):
         pipeline.RunConfig(eval_optimizer="lbfgs", **base).validate()

@@ -113,6 +113,37 @@ def test_epoch_batches_keep_the_partial_batch():
     assert np.asarray(mask).sum() == 10 and np.asarray(mask)[-1].tolist() == [1, 1, 0, 0]
 
 
+def test_min_steps_per_epoch_makes_an_epoch_of_several_passes(toy_model):
+    """10 samples, batch 4, at least 7 steps: 7 full batches from consecutive permutations (each
+    sample seen 2 or 3 times); the epoch trains 7 steps in both epoch modes, and the lr schedule
+    counts those steps."""
+    cfg = train.TrainConfig(optimizer="sgd", lr=0.1, epochs=2, batch_size=4, min_steps_per_epoch=7)
+    assert cfg.steps_per_epoch(10) == 7 and train.TrainConfig(batch_size=4).steps_per_epoch(10) == 3
+    assert train.TrainConfig(batch_size=4, min_steps_per_epoch=2).steps_per_epoch(10) == 3
+    ids, mask = train.epoch_batches(jax.random.key(0), 10, 4, 7)
+    assert ids.shape == (7, 4) and np.asarray(mask).all()
+    counts = np.bincount(np.asarray(ids).ravel(), minlength=10)
+    assert counts.sum() == 28 and counts.min() >= 2 and counts.max() <= 3
+    assert sorted(np.asarray(ids)[:2].ravel().tolist() + np.asarray(ids)[2, :2].tolist()) == list(range(10))
+    x, y = _toy(n=10)
+    init = toy_model.init_many(jax.random.split(jax.random.key(0), 1))
+    runs = [train.fit(toy_model, cfg, x, train.one_hot(y, 3), init, jax.random.key(2), parallel="loop",
+                      epoch_mode=mode)[0] for mode in ("scan", "host")]
+    np.testing.assert_allclose(runs[0], runs[1], rtol=1e-5, atol=1e-6)
+    tx = train.make_optimizer(cfg, 7, lr=1.0)
+    step = jax.jit(train.make_step(toy_model, tx, use_augment=False))
+    p, o = init[0], tx.init(init[0])
+    for e in range(2):
+        kperm, kaug = jax.random.split(jax.random.fold_in(jax.random.split(jax.random.key(2), 1)[0], e))
+        ids, mask = train.epoch_batches(kperm, 10, 4, 7)
+        for i in range(7):
+            p, o, _ = step(p, o, jax.numpy.asarray(x), jax.numpy.asarray(train.one_hot(y, 3)), ids[i], mask[i],
+                           jax.random.fold_in(kaug, i), 0.1)
+    np.testing.assert_allclose(runs[0][0], p, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="min_steps_per_epoch"):
+        train.TrainConfig(min_steps_per_epoch=-1).validate("expert_")
+
+
 def test_padding_of_a_partial_batch_does_not_train(toy_model):
     """One step on a batch of 4 padded to 8 equals one step on the 4 alone."""
     x, y = _toy(n=8)
@@ -168,3 +199,35 @@ def test_best_on_validation_keeps_each_models_best_epoch(toy_model):
     r = train_and_score("t", toy_model, cfg, x, train.one_hot(y, 3), init, jax.random.key(1),
                         {"val": (x, y), "test": (x[:6], y[:6])}, 3, select_every=3)
     assert all(e in (3, 6, 9, 10) for e in r.extra["selected_epoch"])
+
+
+def test_patience_stops_training_once_validation_stalls(toy_model):
+    """With patience 2 and checks every epoch, a model trained at lr 0 (never improves) stops after
+    3 epochs (the first check sets the best, two stale checks follow) instead of 20; a learning one
+    keeps going while it improves."""
+    from sersynth.evaluate import BestOnValidation, train_and_score
+
+    x, y = _toy()
+    cfg = train.TrainConfig(optimizer="sgd", lr=0.05, epochs=20, batch_size=16)
+    init = toy_model.init_many(jax.random.split(jax.random.key(0), 2))
+    sets = {"val": (x, y), "test": (x, y)}
+    seen = []
+    stalled = BestOnValidation(toy_model, x, y, 3, patience=2)
+    train.fit(toy_model, cfg, x, train.one_hot(y, 3), init, jax.random.key(1), lr=0.0, every=1,
+              on_epochs=lambda e, p: seen.append(e) or stalled(e, p))
+    assert seen == [1, 2, 3]
+    r = train_and_score("t", toy_model, cfg, x, train.one_hot(y, 3), init, jax.random.key(1), sets, 3,
+                        select_every=1, patience=2)
+    assert max(r.extra["selected_epoch"]) > 3
+
+
+def test_choose_lr_keeps_the_best_validation_lr():
+    from sersynth.evaluate import Result, choose_lr
+
+    def train_at(lr):
+        v = {0.01: 0.4, 0.1: 0.7, 1.0: 0.7}[lr]                   # tie: the earlier candidate
+        return Result("s", {"val": [v, v], "test": [0.0, 0.0]}, {"val": [v, v], "test": [0, 0]}, {}, 2.0, 5)
+
+    r = choose_lr(train_at, [0.01, 0.1, 1.0])
+    assert r.extra["lr"] == 0.1 and r.extra["lr_val_uar"] == {"0.01": 0.4, "0.1": 0.7, "1": 0.7}
+    assert r.train_seconds == 6.0

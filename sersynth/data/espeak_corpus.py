@@ -1,13 +1,19 @@
-"""Emotional speech from another synthesiser (espeak-ng), laid out as RAVDESS ships.
+"""Emotional speech from another synthesiser (espeak-ng), laid out as RAVDESS or EmoDB ship.
 
 A corpus nobody tuned sersynth for: formant speech from espeak-ng (a Debian/Ubuntu package, not a
-Python dependency), with emotions acted through speaking rate, pitch level, loudness and pauses, two
-intensities, and actors that differ in voice variant, base pitch and rate. It is written as
-``Actor_NN/03-01-EE-II-SS-RR-AA.wav`` at RAVDESS's 48 kHz, so ``--corpus=ravdess`` reads it and
-``experiments/flags/ravdess.flags`` applies. Used to measure distillation against coresets on data
-other than the embedded corpus (benchmarks/RESULTS.md):
+Python dependency), with emotions acted through speaking rate, pitch level, loudness and pauses,
+and speakers that differ in voice variant, base pitch and rate. Two layouts:
+
+* ``ravdess``: English, 8 classes, two intensities, ``Actor_NN/03-01-EE-II-SS-RR-AA.wav`` at 48 kHz
+  (60 clips per actor, as RAVDESS's speech set), read by ``--corpus=ravdess``;
+* ``emodb``: German, 7 classes (boredom instead of calm and surprise), EmoDB's speaker numbers and
+  ten sentence codes, ``wav/SSTTTEV.wav`` at 16 kHz (70 clips per speaker), read by ``--corpus=emodb``.
+
+Used to measure distillation against coresets on data other than the embedded corpus
+(benchmarks/RESULTS.md):
 
     python -m sersynth.data.espeak_corpus --out=data/espeak_ravdess --actors=8
+    python -m sersynth.data.espeak_corpus --out=data/espeak_emodb --layout=emodb --actors=10
 """
 from __future__ import annotations
 
@@ -32,6 +38,27 @@ PROFILES = {
 }
 STATEMENTS = {"01": "Kids are talking by the door", "02": "Dogs are sitting by the door"}
 
+# EmoDB emotion letters -> the same kind of profile, acted a little differently (German speakers)
+EMODB_PROFILES = {
+    "N": (1.00, 0, 100, 0),      # neutral
+    "L": (0.80, -9, 80, 3),      # boredom
+    "F": (1.10, 14, 125, 0),     # happiness
+    "T": (0.76, -8, 70, 5),      # sadness
+    "W": (1.22, 6, 170, 0),      # anger
+    "A": (1.30, 18, 90, 1),      # fear
+    "E": (0.84, -3, 120, 4),     # disgust
+}
+# EmoDB's speaker numbers (male: 03 10 11 12 15) and ten sentence codes with short German sentences
+EMODB_SPEAKERS = ("03", "08", "09", "10", "11", "12", "13", "14", "15", "16")
+EMODB_SENTENCES = {
+    "a01": "Der Lappen liegt auf dem Eisschrank", "a02": "Das will sie am Mittwoch abgeben",
+    "a04": "Heute abend könnte ich es ihm sagen", "a05": "Das schwarze Papier liegt da oben",
+    "a07": "In sieben Stunden wird es soweit sein", "b01": "Was sind denn das für Tüten",
+    "b02": "Sie haben es gerade hochgetragen", "b03": "An den Wochenenden bin ich gefahren",
+    "b09": "Ich will das eben wegbringen", "b10": "Die wird auf dem Platz sein",
+}
+LAYOUTS = ("ravdess", "emodb")
+
 
 class EspeakMissing(RuntimeError):
     """espeak-ng is not installed."""
@@ -50,14 +77,32 @@ def _speak(text: str, voice: str, rate: int, pitch: int, amplitude: int, gap: in
     return resample_poly(x, sample_rate // g, sr // g).astype(np.float32)
 
 
-def generate(out: str | os.PathLike, actors: int = 8, seed: int = 0, sample_rate: int = 48000) -> Path:
-    """Writes ``actors`` x 60 clips (RAVDESS's speech set per actor) under ``out``; returns it."""
+def _write(path: Path, x: np.ndarray, sample_rate: int, rng: np.random.Generator) -> None:
     import soundfile as sf
 
+    x = x + 0.003 * rng.standard_normal(x.size).astype(np.float32)   # room noise
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.wav")
+    sf.write(tmp, x, sample_rate, subtype="PCM_16")
+    os.replace(tmp, path)
+
+
+def generate(out: str | os.PathLike, actors: int = 8, seed: int = 0, sample_rate: int | None = None,
+             layout: str = "ravdess") -> Path:
+    """Writes ``actors`` speakers' clips under ``out`` in ``layout`` (see the module docstring), at
+    the layout's corpus rate unless ``sample_rate`` is given; returns ``out``. Clips already there
+    are kept, so an interrupted generation continues."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     if shutil.which("espeak-ng") is None:
         raise EspeakMissing("espeak-ng is not installed (Debian/Ubuntu: apt-get install espeak-ng)")
     out = Path(out)
     rng = np.random.default_rng(seed)
+    if layout == "emodb":
+        if not 1 <= actors <= len(EMODB_SPEAKERS):
+            raise ValueError(f"--actors must be 1..{len(EMODB_SPEAKERS)} in the emodb layout (EmoDB's speakers)")
+        return _generate_emodb(out, actors, rng, sample_rate or 16000)
+    sample_rate = sample_rate or 48000
     for a in range(1, actors + 1):
         variant = f"{'m' if a % 2 else 'f'}{(a - 1) // 2 % 4 + 1}"
         base_pitch, base_rate = rng.integers(-8, 9), rng.uniform(0.88, 1.12)
@@ -73,11 +118,25 @@ def generate(out: str | os.PathLike, actors: int = 8, seed: int = 0, sample_rate
                         pitch = int(np.clip(50 + base_pitch + k * dp + rng.integers(-4, 5), 0, 99))
                         amplitude = int(np.clip(100 + k * (amp - 100) + rng.integers(-10, 11), 20, 200))
                         x = _speak(text, f"en-us+{variant}", rate, pitch, amplitude, int(k * gap), sample_rate)
-                        x = x + 0.003 * rng.standard_normal(x.size).astype(np.float32)   # room noise
-                        path.parent.mkdir(parents=True, exist_ok=True)
-                        tmp = path.with_suffix(f".{os.getpid()}.tmp.wav")
-                        sf.write(tmp, x, sample_rate, subtype="PCM_16")
-                        os.replace(tmp, path)
+                        _write(path, x, sample_rate, rng)
+    return out
+
+
+def _generate_emodb(out: Path, speakers: int, rng: np.random.Generator, sample_rate: int) -> Path:
+    male = ("03", "10", "11", "12", "15")
+    for i, spk in enumerate(EMODB_SPEAKERS[:speakers]):
+        variant = f"{'m' if spk in male else 'f'}{i % 5 + 1}"
+        base_pitch, base_rate = rng.integers(-10, 11), rng.uniform(0.85, 1.15)
+        for emo, (rate_f, dp, amp, gap) in EMODB_PROFILES.items():
+            for code, text in EMODB_SENTENCES.items():
+                path = out / "wav" / f"{spk}{code}{emo}a.wav"
+                if path.is_file():
+                    continue
+                rate = int(160 * base_rate * rate_f * rng.uniform(0.92, 1.08))
+                pitch = int(np.clip(50 + base_pitch + dp + rng.integers(-5, 6), 0, 99))
+                amplitude = int(np.clip(amp + rng.integers(-12, 13), 20, 200))
+                x = _speak(text, f"de+{variant}", rate, pitch, amplitude, gap, sample_rate)
+                _write(path, x, sample_rate, rng)
     return out
 
 
@@ -87,20 +146,22 @@ def main(argv):
 
     f = flags.FLAGS
     try:
-        path = generate(f.out, f.actors, f.seed)
-    except EspeakMissing as e:
+        path = generate(f.out, f.actors, f.seed, layout=f.layout)
+    except (EspeakMissing, ValueError) as e:
         import sys
 
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(f"{sum(1 for _ in path.rglob('*.wav'))} clips in {path} (RAVDESS layout)")
+    print(f"{sum(1 for _ in path.rglob('*.wav'))} clips in {path} ({f.layout} layout)")
 
 
 if __name__ == "__main__":
     from absl import app, flags as absl_flags
 
-    absl_flags.DEFINE_string("out", None, "folder to write (RAVDESS layout)")
-    absl_flags.DEFINE_integer("actors", 8, "actors (60 clips each)")
+    absl_flags.DEFINE_string("out", None, "folder to write")
+    absl_flags.DEFINE_enum("layout", "ravdess", list(LAYOUTS), "ravdess: English, 8 classes, 60 clips per actor; "
+                           "emodb: German, 7 classes, 70 clips per speaker")
+    absl_flags.DEFINE_integer("actors", 8, "speakers (at most 10 in the emodb layout)")
     absl_flags.DEFINE_integer("seed", 0, "random seed of the actors' voices and each clip's variation")
     absl_flags.mark_flag_as_required("out")
     app.run(main)

@@ -1,0 +1,77 @@
+"""--tune: the grid, the resumable search, and the runner distilling with the settings validation chose."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sersynth import tune
+from tests.test_runner import TINY_FLAGS, run_cli
+
+
+def test_grid_parsing_and_trials():
+    grid = tune.parse_grid("lr_img=100,300; syn_init=mix,real ;syn_augment=false")
+    assert grid == (("lr_img", (100.0, 300.0)), ("init", ("mix", "real")), ("augment", (False,)))
+    cfg = tune.TuneConfig(grid=grid)
+    cfg.validate()
+    assert cfg.trials(0) == [{"lr_img": 100.0, "init": "mix", "augment": False},
+                             {"lr_img": 100.0, "init": "real", "augment": False},
+                             {"lr_img": 300.0, "init": "mix", "augment": False},
+                             {"lr_img": 300.0, "init": "real", "augment": False}]
+    sample = tune.TuneConfig(grid=grid, max_trials=3).trials(5)
+    assert len(sample) == 3 and sample == tune.TuneConfig(grid=grid, max_trials=3).trials(5)
+    assert all(t in cfg.trials(0) for t in sample)
+    for bad, match in [("lr_img", "cannot read"), ("ipc=5", "cannot read"), ("syn_steps=ten", "bad value")]:
+        with pytest.raises(ValueError, match=match):
+            tune.parse_grid(bad)
+    with pytest.raises(ValueError, match="needs --tune_grid"):
+        tune.TuneConfig().validate()
+
+
+def test_search_resumes_finished_trials_and_keeps_the_best(tmp_path):
+    cfg = tune.TuneConfig(grid=(("lr_img", (1.0, 2.0, 3.0)),))
+    scores = {1.0: 0.3, 2.0: 0.6, 3.0: 0.6}                       # tie: the earlier trial
+    calls = []
+
+    def run_trial(i, values):
+        calls.append(i)
+        if i == 2 and len(calls) == 3:
+            raise KeyboardInterrupt                               # the process is stopped during trial 2
+        return {"val_uar": scores[values["lr_img"]]}
+
+    with pytest.raises(KeyboardInterrupt):
+        tune.search(cfg, 0, tmp_path, run_trial)
+    assert sorted(p.name for p in tmp_path.glob("trial_*.json")) == ["trial_000.json", "trial_001.json"]
+    result = tune.search(cfg, 0, tmp_path, run_trial)
+    assert calls == [0, 1, 2, 2]                                  # finished trials are not run again
+    assert result["chosen"] == {"lr_img": 2.0} and result["chosen_trial"] == 1
+    assert json.loads((tmp_path / "tune.json").read_text())["chosen_val_uar"] == 0.6
+    # a trial file written for other values is not trusted
+    (tmp_path / "trial_000.json").write_text(json.dumps({"values": {"lr_img": 9.0}, "val_uar": 1.0}))
+    tune.search(cfg, 0, tmp_path, run_trial)
+    assert calls[-1] == 0
+
+
+def test_runner_tunes_on_validation_and_distils_with_the_choice(tmp_path):
+    workdir = tmp_path / "run"
+    args = [*TINY_FLAGS, f"--workdir={workdir}", "--tune", "--tune_grid=lr_img=3,30;syn_steps=2,3",
+            "--tune_iterations=4", "--tune_trials=3"]
+    proc = run_cli(*args)
+    report = json.loads((workdir / "report.json").read_text())
+    t = report["tune"]
+    assert len(t["trials"]) == 3 and t["iterations"] == 4
+    assert all(len(r["evaluations"]) >= 2 and r["evaluations"][-1]["step"] == 4 for r in t["trials"])
+    best = max(t["trials"], key=lambda r: r["val_uar"])
+    assert t["chosen_val_uar"] == best["val_uar"]
+    assert report["distill"]["lr_img"] == t["chosen"]["lr_img"]
+    assert report["distill"]["syn_steps"] == t["chosen"]["syn_steps"]
+    assert report["distill"]["iterations"] == 20                  # the final distillation runs in full
+    assert len(list((workdir / "distill" / "tune").glob("trial_*.json"))) == 3
+    assert "tune: 3 trials on validation chose" in proc.stdout
+    assert "chosen on validation (`--tune`, 3 trials" in (workdir / "report.md").read_text()
+    # the finished search is reused when the later stages are run again
+    before = {p.name: p.stat().st_mtime_ns for p in (workdir / "distill" / "tune").glob("trial_*.json")}
+    run_cli(*args, "--stage=distill,evaluate")
+    assert before == {p.name: p.stat().st_mtime_ns for p in (workdir / "distill" / "tune").glob("trial_*.json")}
+    bad = run_cli(*args, "--tune_grid=expert_epochs=9", "--workdir=" + str(tmp_path / "bad"), check=False)
+    assert bad.returncode == 2 and "--tune_grid trial {'expert_epochs': 9}" in bad.stderr
