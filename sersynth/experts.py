@@ -94,13 +94,22 @@ def train_experts(fm: FlatModel, cfg: train.TrainConfig, x_train, y_train, n_cla
                 trajectory_bytes=int(params.nbytes))
     if eval_set is not None:
         x_eval, y_eval = eval_set
-        pred = train.predict(fm, jax.numpy.asarray(params[:, -1], np.float32), x_eval)
-        meta["final_val_uar"] = [train.uar(y_eval, p, n_classes) for p in pred]
+        meta["val_uar_curve"] = validation_curve(fm, params, x_eval, y_eval, n_classes)
+        meta["final_val_uar"] = [row[-1] for row in meta["val_uar_curve"]]
     atomic_save_npz(out / "trajectories.npz", {"params": params, "losses": np.concatenate(losses)})
     atomic_write_json(out / "meta.json", meta)
     for p in out.glob(f"chunk_{tag}_*.npz") if is_writer() else ():
         p.unlink()
     return Experts(params, meta)
+
+
+def validation_curve(fm: FlatModel, params: np.ndarray, x_val, y_val, n_classes: int) -> list[list[float]]:
+    """Validation UAR of every expert after every stored epoch, ``[E][epochs + 1]``: whether the
+    experts converged (and so are teachers worth matching) is read off this curve."""
+    flat = np.asarray(params, np.float32).reshape(-1, params.shape[-1])          # [E * (epochs + 1), P]
+    pred = train.predict(fm, jax.numpy.asarray(flat), x_val)
+    scores = [train.uar(y_val, p, n_classes) for p in pred]
+    return np.asarray(scores).reshape(params.shape[0], params.shape[1]).round(4).tolist()
 
 
 def _check_finite(traj: np.ndarray, losses: np.ndarray, ids: np.ndarray, cfg: train.TrainConfig) -> None:

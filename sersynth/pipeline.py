@@ -483,6 +483,7 @@ def stage_evaluate(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Exp
                         "mia_auc_full_data": mia["full_data"]["auc_mean"],
                         "mia_auc_distilled": mia["distilled_fixed_init"]["auc_mean"]})
     report = {"corpus": fs.manifest["corpus"], "classes": classes, "cache_hash": fs.hash,
+              "experts_val_uar_curve": ex.meta.get("val_uar_curve"),
               "model": fm.spec.to_json(), "n_params": fm.n_params, "backend": jax.default_backend(),
               "devices": [str(d) for d in jax.devices()], "jax_version": jax.__version__,
               "results": {k: r.to_json() for k, r in results.items()}, "summary": summary, "privacy": audit,
@@ -506,6 +507,9 @@ def stage_evaluate(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Exp
                                         classes, p["plots"] / "confusion_test.png")]
     if audit is not None:
         plots.append(report_lib.plot_privacy(audit, p["plots"] / "privacy.png"))
+    if ex.meta.get("val_uar_curve"):
+        plots.append(report_lib.plot_expert_curves(ex.meta["val_uar_curve"], p["plots"] / "experts_val_uar.png",
+                                                   distilled["meta"]["distill"].get("max_start_epoch")))
     audio = report_lib.render_audio(x_syn, distilled["labels"], classes, fs.mel_mean, fs.mel_std,
                                     fs.manifest["features"], p["audio"], cfg.render_per_class) \
         if dist.is_writer() else []

@@ -47,6 +47,20 @@ def plot_curves(rows: list[dict], path: Path) -> Path:
     return _save(fig, path)
 
 
+def plot_expert_curves(curve: list[list[float]], path: Path, max_start_epoch: int | None = None) -> Path:
+    """Validation UAR of each expert per epoch (``experts/meta.json["val_uar_curve"]``), with the
+    range of start epochs distillation draws from shaded."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    for e, row in enumerate(curve):
+        ax.plot(range(len(row)), np.asarray(row) * 100, lw=1, label=f"expert {e}")
+    if max_start_epoch:
+        ax.axvspan(0, max_start_epoch - 1, color="tab:gray", alpha=0.15, label="start epochs matched")
+    ax.set(title="experts: validation UAR", xlabel="epoch", ylabel="UAR %")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
 def plot_spectrograms(x: np.ndarray, labels: np.ndarray, classes: list[str], path: Path, per_class: int = 4) -> Path:
     """Grid of distilled log-Mel spectrograms, one row per class."""
     plt = _plt()

@@ -71,6 +71,11 @@ def test_end_to_end_run_writes_every_artifact(finished_run):
     for rel in report["artifacts"]["plots"] + report["artifacts"]["audio"]:
         assert (workdir / rel).stat().st_size > 0
     assert len(report["artifacts"]["audio"]) == 3
+    assert "plots/experts_val_uar.png" in report["artifacts"]["plots"]
+    curve = np.asarray(report["experts_val_uar_curve"])              # [experts, epochs + 1]
+    meta = json.loads((workdir / "experts" / "meta.json").read_text())
+    assert curve.shape == (2, 5) and ((curve >= 0) & (curve <= 1)).all()
+    assert meta["final_val_uar"] == pytest.approx(curve[:, -1].tolist(), abs=1e-4)
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows if "loss" in r] == list(range(1, 21))
     assert [r["iteration"] for r in rows if "val_uar" in r] == [0, 10, 20]
