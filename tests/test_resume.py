@@ -157,3 +157,34 @@ def test_diverged_experts_are_refused_naming_the_flag(tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 2 and "diverged" in last and "--expert_lr" in last, proc.stderr[-1500:]
     assert not (tmp_path / "w" / "experts" / "trajectories.npz").exists()
+
+
+def test_changed_corpus_recached_then_the_same_command_rebuilds_everything_downstream(done_run, tmp_path):
+    """The corpus loses clips and its feature cache is re-prepared in place; the same runner command
+    for the later stages must not reuse the experts, the distillation checkpoint or the distilled set
+    made from the old cache: each is rebuilt, and the report speaks of the new cache."""
+    import shutil
+
+    w = tmp_path / "w"
+    shutil.copytree(done_run, w)
+    old_hash = json.loads((w / "cache" / "manifest.json").read_text())["hash"]
+    smaller = tmp_path / "corpus"
+    shutil.copytree(w / "corpus", smaller)
+    for wav in sorted(smaller.rglob("*.wav"))[::5]:
+        wav.unlink()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    prep = subprocess.run([sys.executable, "-m", "sersynth.data.prepare", "--corpus=embedded", f"--root={smaller}",
+                           f"--out={w / 'cache'}", "--emotions=anger,sadness,happiness", "--n_fft=512",
+                           "--hop_length=256", "--n_mels=16", "--clip_seconds=0.5", "--workers=1"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert prep.returncode == 0, prep.stderr[-2000:]
+    new_hash = json.loads((w / "cache" / "manifest.json").read_text())["hash"]
+    assert new_hash != old_hash
+    proc = run_cli(f"--workdir={w}", *TINY_FLAGS, "--stage=experts,distill,evaluate")
+    assert "starting afresh" in proc.stderr                        # the old checkpoint was not resumed
+    assert json.loads((w / "experts" / "meta.json").read_text())["cache_hash"] == new_hash
+    assert json.loads((w / "distill" / "meta.json").read_text())["cache_hash"] == new_hash
+    report = json.loads((w / "report.json").read_text())
+    assert report["cache_hash"] == new_hash
+    n_train = report["results"]["full_data"]["n_train"]
+    assert n_train < json.loads((done_run / "report.json").read_text())["results"]["full_data"]["n_train"]
