@@ -250,7 +250,7 @@ def _eval_config(cfg: RunConfig) -> train.TrainConfig:
     * ``expert``: the experts' own optimiser, lr and schedule (the paper's).
     """
     small = dict(epochs=cfg.eval_epochs, batch_size=cfg.eval_batch_size or cfg.expert_train.batch_size,
-                 augment=cfg.distill.augment)
+                 augment=cfg.distill.augment, min_steps_per_epoch=0)     # an epoch of a small set: one pass
     if cfg.eval_optimizer == "expert":
         return dataclasses.replace(cfg.expert_train, **small)
     if cfg.eval_optimizer == "mtt":

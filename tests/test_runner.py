@@ -171,7 +171,7 @@ for path in sorted(glob.glob('experiments/flags/*.flags')):
 
 def test_eval_optimizer_choices():
     expert = pipeline.train.TrainConfig(optimizer="adam", lr=1e-3, momentum=0.0, lr_decay=0.7, lr_decay_every=5,
-                                        epochs=50, batch_size=32)
+                                        epochs=50, batch_size=32, min_steps_per_epoch=20)
     base = dict(workdir="w", expert_train=expert, eval_epochs=30,
                 distill=pipeline.distill_lib.DistillConfig(batch_syn=256, augment=True))
     paper = pipeline._eval_config(pipeline.RunConfig(eval_optimizer="expert", **base))
@@ -182,6 +182,8 @@ def test_eval_optimizer_choices():
     mtt = pipeline._eval_config(pipeline.RunConfig(eval_optimizer="mtt", eval_batch_size=16, **base))
     assert (mtt.optimizer, mtt.momentum, mtt.weight_decay, mtt.lr_decay, mtt.lr_decay_every, mtt.batch_size) == \
         ("sgd", 0.9, 5e-4, 0.1, 15, 16)
+    # the experts' floor on steps per epoch is for the full training split: a small set's epoch is one pass
+    assert paper.min_steps_per_epoch == plain.min_steps_per_epoch == mtt.min_steps_per_epoch == 0
     assert pipeline._syn_lr(pipeline.RunConfig(eval_optimizer="mtt", **base), 0.02) == 0.02
     assert pipeline._syn_lr(pipeline.RunConfig(eval_optimizer="expert", **base), 0.02) is None
     assert pipeline.lr_candidates(pipeline.RunConfig(**base), 0.02) == pytest.approx([0.02, 3e-4, 1e-3, 3e-3])
