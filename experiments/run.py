@@ -12,7 +12,7 @@ import sys
 
 from absl import app, flags, logging
 
-from sersynth import dist, distill, pipeline, train
+from sersynth import dist, distill, pipeline, protocol, train
 from sersynth import tune as tune_lib
 from sersynth.data import prepare
 
@@ -92,7 +92,7 @@ flags.DEFINE_integer("process_id", 0, "multi-host: this process's index")
 flags.DEFINE_bool("tune", False, "before distilling, try the settings of --tune_grid (short distillations from the "
                   "same experts, scored on validation speakers) and distil with the best; resumable")
 flags.DEFINE_string("tune_grid", "lr_img=100,300,1000;lr_init=0,0.01",
-                    "--tune: name=v1,v2;name=v1,v2 over lr_img, lr_init, lr_lr, syn_steps, expert_epochs, "
+                    "--tune: name=v1,v2;name=v1,v2 over lr_img, lr_init, lr_lr, lr_min, syn_steps, expert_epochs, "
                     "max_start_epoch, batch_syn, syn_init, syn_init_mix, syn_augment, learn_labels")
 flags.DEFINE_integer("tune_iterations", 0, "--tune: outer steps per trial (0: --iterations)")
 flags.DEFINE_integer("tune_trials", 0, "--tune: at most this many trials, a seeded sample of the grid (0: all)")
@@ -104,7 +104,7 @@ flags.DEFINE_integer("eval_seeds", 5, "random initialisations / random subsets p
 flags.DEFINE_integer("eval_epochs", 300, "epochs when training on the distilled set or a random subset")
 flags.DEFINE_list("eval_lr_grid", ["0.3", "1", "3"], "lr candidates of every small-set setting (distilled, random "
                   "subset, herding), each choosing on validation: the learned lr and --expert_lr x each of these")
-flags.DEFINE_enum("eval_optimizer", "learned_sgd", list(pipeline.EVAL_OPTIMIZERS),
+flags.DEFINE_enum("eval_optimizer", "learned_sgd", list(protocol.EVAL_OPTIMIZERS),
                   "training on distilled/subset data: learned_sgd (plain SGD, the learned lr), mtt (MTT's evaluation: "
                   "momentum 0.9, weight decay 5e-4, learned lr x0.1 at half the epochs) or expert (the experts' "
                   "optimiser and schedule, the paper)")

@@ -120,14 +120,14 @@ class DistillConfig:
         ``lr_expert / (1 - momentum) * expert_epochs * steps_per_epoch / syn_steps``, so that the
         matching does not start by having to grow the lr by orders of magnitude (the raw lr moves
         by ``lr_lr`` per unit of gradient). For Adam experts, whose steps are not lr-scaled
-        gradients, the experts' lr (MTT's choice). ``lr_min`` is kept below the result."""
+        gradients, the experts' lr (MTT's choice). ``lr_min`` is kept at most half the result."""
         if self.lr_init > 0:
             return self
         if expert_optimizer == "sgd":
             lr = expert_lr / (1.0 - expert_momentum) * self.expert_epochs * expert_steps_per_epoch / self.syn_steps
         else:
             lr = expert_lr
-        return dataclasses.replace(self, lr_init=float(lr), lr_min=min(self.lr_min, float(lr) / 100))
+        return dataclasses.replace(self, lr_init=float(lr), lr_min=min(self.lr_min, float(lr) / 2))
 
     def segment_length(self) -> int:
         if self.segment:

@@ -24,6 +24,7 @@ from sersynth import distill as distill_lib
 from sersynth import evaluate as eval_lib
 from sersynth import experts as experts_lib
 from sersynth import privacy
+from sersynth import protocol
 from sersynth import report as report_lib
 from sersynth import train
 from sersynth import tune as tune_lib
@@ -33,7 +34,6 @@ from sersynth.io import (DirectoryLocked, as_json, atomic_save_npz, atomic_write
 from sersynth.models import ModelSpec, flat_model
 
 STAGES = ("prepare", "experts", "distill", "evaluate")
-EVAL_OPTIMIZERS = ("learned_sgd", "mtt", "expert")
 
 
 NOT_DISTILLED = ("validation preferred the starting set (iteration 0) to every distilled one: the 'distilled' "
@@ -78,7 +78,7 @@ class RunConfig:
     eval_seeds: int = 5
     eval_epochs: int = 300                # epochs on distilled / subset data
     eval_lr_grid: tuple[float, ...] = (0.3, 1.0, 3.0)   # lr candidates: the learned lr and expert lr x each
-    eval_optimizer: str = "learned_sgd"   # learned_sgd | mtt | expert (see _eval_config)
+    eval_optimizer: str = "learned_sgd"   # learned_sgd | mtt | expert (see protocol.eval_config)
     eval_batch_size: int = 0              # minibatch when training on small sets; 0 = the experts' batch size
     eval_select_every: int = 0            # keep each model at its best validation UAR, checked every N epochs (0: last)
     eval_patience: int = 0                # stop when no model improved on validation for N checks (0: never)
@@ -122,8 +122,9 @@ class RunConfig:
             raise RunError(f"--trajectory_dtype must be one of {experts_lib.STORAGE_DTYPES}")
         if self.parallel not in ("", *train.PARALLEL) or self.epoch_mode not in ("", "scan", "host"):
             raise RunError("--parallel must be vmap, loop or auto; --epoch_mode scan, host or auto")
-        if self.eval_optimizer not in EVAL_OPTIMIZERS:
-            raise RunError(f"--eval_optimizer must be one of {', '.join(EVAL_OPTIMIZERS)}, got {self.eval_optimizer!r}")
+        if self.eval_optimizer not in protocol.EVAL_OPTIMIZERS:
+            raise RunError(f"--eval_optimizer must be one of {', '.join(protocol.EVAL_OPTIMIZERS)}, "
+                           f"got {self.eval_optimizer!r}")
         if self.eval_select_every < 0 or self.reference_epochs < 0 or self.eval_patience < 0:
             raise RunError("--eval_select_every, --eval_patience and --reference_epochs must be >= 0")
         if self.eval_patience and not self.eval_select_every:
@@ -239,61 +240,6 @@ def stage_experts(cfg: RunConfig, fs: cache_lib.FeatureSet) -> experts_lib.Exper
     return ex
 
 
-def _eval_config(cfg: RunConfig) -> train.TrainConfig:
-    """Training on a small set (distilled or a coreset) for ``eval_epochs`` in minibatches of
-    ``eval_batch_size`` (default: the experts'; the last partial batch is kept), with the
-    distillation's augmentation, by one of three protocols:
-
-    * ``learned_sgd``: plain SGD at the learned lr, constant (the inner loop's own optimiser);
-    * ``mtt``: MTT's evaluation: SGD with momentum 0.9, weight decay 5e-4, the learned lr x0.1 at
-      half the epochs;
-    * ``expert``: the experts' own optimiser, lr and schedule (the paper's).
-    """
-    small = dict(epochs=cfg.eval_epochs, batch_size=cfg.eval_batch_size or cfg.expert_train.batch_size,
-                 augment=cfg.distill.augment, min_steps_per_epoch=0)     # an epoch of a small set: one pass
-    if cfg.eval_optimizer == "expert":
-        return dataclasses.replace(cfg.expert_train, **small)
-    if cfg.eval_optimizer == "mtt":
-        return dataclasses.replace(cfg.expert_train, optimizer="sgd", momentum=0.9, weight_decay=5e-4,
-                                   lr_decay=0.1, lr_decay_every=max(1, cfg.eval_epochs // 2), **small)
-    return dataclasses.replace(cfg.expert_train, optimizer="sgd", momentum=0.0, weight_decay=0.0,
-                               lr_decay_every=0, **small)
-
-
-def _syn_lr(cfg: RunConfig, learned_lr: float) -> float | None:
-    """The lr to train on the distilled set: the learned one, or None = the experts' (paper)."""
-    return None if cfg.eval_optimizer == "expert" else learned_lr
-
-
-def lr_candidates(cfg: RunConfig, learned_lr: float) -> list[float]:
-    """The lrs every small-set setting (distilled or coreset) may train at, each setting choosing
-    on validation: the learned lr (except with the experts' own optimiser) and the experts' lr x
-    each of ``eval_lr_grid``. The same candidates for every setting, so no setting is favoured."""
-    grid = [cfg.expert_train.lr * m for m in cfg.eval_lr_grid]
-    return list(dict.fromkeys(grid if cfg.eval_optimizer == "expert" else [learned_lr, *grid]))
-
-
-def _train_small(cfg, fm, x, targets, lr, inits, key, eval_sets, n_classes, name):
-    """Trains on a small set (distilled or a real subset) with :func:`_eval_config` and scores it."""
-    return eval_lib.train_and_score(name, fm, _eval_config(cfg), x, targets, inits, key, eval_sets,
-                                    n_classes, lr=lr, parallel=cfg.parallel or None,
-                                    epoch_mode=cfg.epoch_mode or None, mesh=distill_lib.data_mesh(cfg.mesh_devices),
-                                    select_every=cfg.eval_select_every, patience=cfg.eval_patience)
-
-
-def train_reference(cfg: RunConfig, fm, x, y, inits, key, eval_sets: dict, n_classes: int) -> eval_lib.Result:
-    """The full-data reference: models trained on the whole training split with the experts'
-    optimiser for ``reference_epochs`` (default: the experts' epochs), from ``eval_seeds`` of the
-    fixed initialisations the distilled set is evaluated from, each kept at its best validation UAR
-    (checked 10 times over the run)."""
-    epochs = cfg.reference_epochs or cfg.expert_train.epochs
-    tc = dataclasses.replace(cfg.expert_train, epochs=epochs)
-    return eval_lib.train_and_score("full_data_reference", fm, tc, x, train.one_hot(y, n_classes), inits, key,
-                                    eval_sets, n_classes, parallel=cfg.parallel or None,
-                                    epoch_mode=cfg.epoch_mode or None, mesh=distill_lib.data_mesh(cfg.mesh_devices),
-                                    select_every=max(1, epochs // 10), epochs=epochs)
-
-
 def distill_config(cfg: RunConfig, n_train: int, values: dict | None = None) -> distill_lib.DistillConfig:
     """The distillation settings of this run (with a tuning trial's or the tuned ``values`` applied)
     and ``--lr_init=0`` (auto) resolved from the experts' optimiser and their steps per epoch on
@@ -317,8 +263,8 @@ def stage_distill(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Expe
 
     def evaluate(state):
         targets = distill_lib.targets_of(state.params, state.labels, fs.n_classes)
-        lr = _syn_lr(cfg, float(distill_lib.inner_lr(state.params)))
-        r = _train_small(cfg, fm, dist.to_host(state.params["x"]), dist.to_host(targets), lr, inits,
+        lr = protocol.syn_lr(cfg, float(distill_lib.inner_lr(state.params)))
+        r = protocol.train_small(cfg, fm, dist.to_host(state.params["x"]), dist.to_host(targets), lr, inits,
                          jax.random.key(cfg.seed + 7), val, fs.n_classes, "val")
         return r.mean_std("val")[0]
 
@@ -412,34 +358,7 @@ def stage_evaluate(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Exp
     ipc = n_syn // n_classes
     results: dict[str, eval_lib.Result] = {}
 
-    # Full data: the experts are models trained on the whole training split.
-    uar, wa, cm = eval_lib.score(fm, jnp.asarray(ex.params[:, -1], jnp.float32), sets, n_classes)
-    results["full_data"] = eval_lib.Result("full_data", uar, wa, cm, ex.meta["train_seconds_per_expert"],
-                                           int(x_tr.shape[0]), {"epochs": ex.n_epochs, "seeds": "experts"})
-    results["full_data_reference"] = train_reference(cfg, fm, x_tr, y_tr, ex.inits[:cfg.eval_seeds],
-                                                     jax.random.fold_in(key, 4), sets, n_classes)
-    # Every small set (distilled, random, herding) chooses its lr on validation from the same candidates.
-    cands = lr_candidates(cfg, lr)
-
-    def small(name, x, targets, inits, k):
-        return eval_lib.choose_lr(lambda l: _train_small(cfg, fm, x, targets, l, inits, k, sets, n_classes, name),
-                                  cands)
-
-    results["distilled_fixed_init"] = small("distilled_fixed_init", x_syn, t_syn, ex.inits, key)
-    random_inits = fm.init_many(jax.random.split(jax.random.fold_in(key, 1), cfg.eval_seeds))
-    results["distilled_random_init"] = small("distilled_random_init", x_syn, t_syn, random_inits,
-                                             jax.random.fold_in(key, 2))
-    # Random real subsets of the same size (one per seed), trained from the experts' inits.
-    rng = np.random.default_rng(cfg.seed + 13)
-    subsets = [eval_lib.random_subset(y_tr, ipc, n_classes, rng) for _ in range(cfg.eval_seeds)]
-    results["random_subset_fixed_init"] = eval_lib.choose_lr(lambda l: eval_lib.merge_seeds("random_subset_fixed_init", [
-        _train_small(cfg, fm, x_tr[idx], train.one_hot(y_tr[idx], n_classes), l, ex.inits[[s % ex.inits.shape[0]]],
-                     jax.random.fold_in(key, 100 + s), sets, n_classes, "random_subset") for s, idx in enumerate(subsets)],
-        n_syn), cands)
-    # Herding coreset of the same size (deterministic), from the experts' inits.
-    idx = eval_lib.herding_subset(x_tr, y_tr, ipc, n_classes)
-    results["herding_subset_fixed_init"] = small("herding_subset_fixed_init", x_tr[idx],
-                                                 train.one_hot(y_tr[idx], n_classes), ex.inits, jax.random.fold_in(key, 3))
+    results, cands = protocol.train_every_setting(cfg, fm, ex, x_tr, y_tr, sets, n_classes, x_syn, t_syn, lr, key)
 
     audit = None
     if cfg.privacy_audit:

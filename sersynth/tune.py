@@ -28,7 +28,7 @@ from sersynth.io import atomic_write_json, read_json
 # DistillConfig field -> (value parser, flag name)
 _BOOL = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 TUNABLE: dict[str, tuple[Callable[[str], object], str]] = {
-    "lr_img": (float, "lr_img"), "lr_init": (float, "lr_init"), "lr_lr": (float, "lr_lr"),
+    "lr_img": (float, "lr_img"), "lr_init": (float, "lr_init"), "lr_lr": (float, "lr_lr"), "lr_min": (float, "lr_min"),
     "syn_steps": (int, "syn_steps"), "expert_epochs": (int, "expert_epochs"),
     "max_start_epoch": (int, "max_start_epoch"), "batch_syn": (int, "batch_syn"),
     "init": (str, "syn_init"), "init_mix": (int, "syn_init_mix"),

@@ -291,7 +291,7 @@ def test_auto_lr_init_lets_the_student_cover_the_expert_segment():
     assert r.lr_init == pytest.approx(0.03 * 2 * 30 / 10) and r.lr_min == 1e-3
     assert cfg.resolve_lr_init(0.03, "sgd", 0.5, 30).lr_init == pytest.approx(2 * 0.18)
     assert cfg.resolve_lr_init(1e-3, "adam", 0.0, 30).lr_init == pytest.approx(1e-3)
-    assert cfg.resolve_lr_init(1e-3, "adam", 0.0, 30).lr_min == pytest.approx(1e-5)
+    assert cfg.resolve_lr_init(1e-3, "adam", 0.0, 30).lr_min == pytest.approx(5e-4)
     assert dataclasses.replace(cfg, lr_init=0.02).resolve_lr_init(0.03, "sgd", 0.0, 30).lr_init == 0.02
     with pytest.raises(ValueError, match="resolved"):
         distill.distill(None, cfg, np.zeros((1, 3, 4), np.float32), None, None, 2, 0)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sersynth import pipeline
+from sersynth import pipeline, protocol
 from sersynth.io import load_npz
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,20 +174,20 @@ def test_eval_optimizer_choices():
                                         epochs=50, batch_size=32, min_steps_per_epoch=20)
     base = dict(workdir="w", expert_train=expert, eval_epochs=30,
                 distill=pipeline.distill_lib.DistillConfig(batch_syn=256, augment=True))
-    paper = pipeline._eval_config(pipeline.RunConfig(eval_optimizer="expert", **base))
+    paper = protocol.eval_config(pipeline.RunConfig(eval_optimizer="expert", **base))
     assert (paper.optimizer, paper.lr, paper.lr_decay_every, paper.epochs, paper.batch_size) == ("adam", 1e-3, 5, 30, 32)
-    plain = pipeline._eval_config(pipeline.RunConfig(**base))
+    plain = protocol.eval_config(pipeline.RunConfig(**base))
     assert (plain.optimizer, plain.momentum, plain.lr_decay_every, plain.augment, plain.batch_size) == \
         ("sgd", 0.0, 0, True, 32)
-    mtt = pipeline._eval_config(pipeline.RunConfig(eval_optimizer="mtt", eval_batch_size=16, **base))
+    mtt = protocol.eval_config(pipeline.RunConfig(eval_optimizer="mtt", eval_batch_size=16, **base))
     assert (mtt.optimizer, mtt.momentum, mtt.weight_decay, mtt.lr_decay, mtt.lr_decay_every, mtt.batch_size) == \
         ("sgd", 0.9, 5e-4, 0.1, 15, 16)
     # the experts' floor on steps per epoch is for the full training split: a small set's epoch is one pass
     assert paper.min_steps_per_epoch == plain.min_steps_per_epoch == mtt.min_steps_per_epoch == 0
-    assert pipeline._syn_lr(pipeline.RunConfig(eval_optimizer="mtt", **base), 0.02) == 0.02
-    assert pipeline._syn_lr(pipeline.RunConfig(eval_optimizer="expert", **base), 0.02) is None
-    assert pipeline.lr_candidates(pipeline.RunConfig(**base), 0.02) == pytest.approx([0.02, 3e-4, 1e-3, 3e-3])
-    assert pipeline.lr_candidates(pipeline.RunConfig(eval_optimizer="expert", **base), 0.02) == \
+    assert protocol.syn_lr(pipeline.RunConfig(eval_optimizer="mtt", **base), 0.02) == 0.02
+    assert protocol.syn_lr(pipeline.RunConfig(eval_optimizer="expert", **base), 0.02) is None
+    assert protocol.lr_candidates(pipeline.RunConfig(**base), 0.02) == pytest.approx([0.02, 3e-4, 1e-3, 3e-3])
+    assert protocol.lr_candidates(pipeline.RunConfig(eval_optimizer="expert", **base), 0.02) == \
         pytest.approx([3e-4, 1e-3, 3e-3])
     with pytest.raises(pipeline.RunError, match="--eval_patience needs --eval_select_every"):
         pipeline.RunConfig(eval_patience=2, **base).validate()

@@ -1,0 +1,124 @@
+"""How every training setting of the report is trained and scored, alike for all of them.
+
+The full-data reference (the ratios' denominator) and the small sets (the distilled set from fixed
+and random initialisations, a random real subset, a herding coreset) are trained by one protocol:
+:func:`eval_config` (optimiser, epochs, batches, augmentation), the same learning-rate candidates
+for every small set (:func:`lr_candidates`), each choosing on the validation speakers, and early
+stopping by model selection on validation. Test speakers are only read to score the kept models.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sersynth import distill as distill_lib
+from sersynth import evaluate as eval_lib
+from sersynth import train
+
+if TYPE_CHECKING:
+    from sersynth.experts import Experts
+    from sersynth.pipeline import RunConfig
+
+EVAL_OPTIMIZERS = ("learned_sgd", "mtt", "expert")
+
+
+def eval_config(cfg: RunConfig) -> train.TrainConfig:
+    """Training on a small set (distilled or a coreset) for ``eval_epochs`` in minibatches of
+    ``eval_batch_size`` (default: the experts'; the last partial batch is kept), with the
+    distillation's augmentation, by one of three protocols:
+
+    * ``learned_sgd``: plain SGD at the learned lr, constant (the inner loop's own optimiser);
+    * ``mtt``: MTT's evaluation: SGD with momentum 0.9, weight decay 5e-4, the learned lr x0.1 at
+      half the epochs;
+    * ``expert``: the experts' own optimiser, lr and schedule (the paper's).
+    """
+    small = dict(epochs=cfg.eval_epochs, batch_size=cfg.eval_batch_size or cfg.expert_train.batch_size,
+                 augment=cfg.distill.augment, min_steps_per_epoch=0)     # an epoch of a small set: one pass
+    if cfg.eval_optimizer == "expert":
+        return dataclasses.replace(cfg.expert_train, **small)
+    if cfg.eval_optimizer == "mtt":
+        return dataclasses.replace(cfg.expert_train, optimizer="sgd", momentum=0.9, weight_decay=5e-4,
+                                   lr_decay=0.1, lr_decay_every=max(1, cfg.eval_epochs // 2), **small)
+    return dataclasses.replace(cfg.expert_train, optimizer="sgd", momentum=0.0, weight_decay=0.0,
+                               lr_decay_every=0, **small)
+
+
+def syn_lr(cfg: RunConfig, learned_lr: float) -> float | None:
+    """The lr to train on the distilled set: the learned one, or None = the experts' (paper)."""
+    return None if cfg.eval_optimizer == "expert" else learned_lr
+
+
+def lr_candidates(cfg: RunConfig, learned_lr: float) -> list[float]:
+    """The lrs every small-set setting (distilled or coreset) may train at, each setting choosing
+    on validation: the learned lr (except with the experts' own optimiser) and the experts' lr x
+    each of ``eval_lr_grid``. The same candidates for every setting, so no setting is favoured."""
+    grid = [cfg.expert_train.lr * m for m in cfg.eval_lr_grid]
+    return list(dict.fromkeys(grid if cfg.eval_optimizer == "expert" else [learned_lr, *grid]))
+
+
+def train_small(cfg, fm, x, targets, lr, inits, key, eval_sets, n_classes, name):
+    """Trains on a small set (distilled or a real subset) with :func:`eval_config` and scores it."""
+    return eval_lib.train_and_score(name, fm, eval_config(cfg), x, targets, inits, key, eval_sets,
+                                    n_classes, lr=lr, parallel=cfg.parallel or None,
+                                    epoch_mode=cfg.epoch_mode or None, mesh=distill_lib.data_mesh(cfg.mesh_devices),
+                                    select_every=cfg.eval_select_every, patience=cfg.eval_patience)
+
+
+def train_reference(cfg: RunConfig, fm, x, y, inits, key, eval_sets: dict, n_classes: int) -> eval_lib.Result:
+    """The full-data reference: models trained on the whole training split with the experts'
+    optimiser for ``reference_epochs`` (default: the experts' epochs), from ``eval_seeds`` of the
+    fixed initialisations the distilled set is evaluated from, each kept at its best validation UAR
+    (checked 10 times over the run)."""
+    epochs = cfg.reference_epochs or cfg.expert_train.epochs
+    tc = dataclasses.replace(cfg.expert_train, epochs=epochs)
+    return eval_lib.train_and_score("full_data_reference", fm, tc, x, train.one_hot(y, n_classes), inits, key,
+                                    eval_sets, n_classes, parallel=cfg.parallel or None,
+                                    epoch_mode=cfg.epoch_mode or None, mesh=distill_lib.data_mesh(cfg.mesh_devices),
+                                    select_every=max(1, epochs // 10), epochs=epochs)
+
+
+def train_every_setting(cfg: RunConfig, fm, ex: Experts, x_tr, y_tr, sets: dict, n_classes: int, x_syn, t_syn,
+                        lr: float, key) -> tuple[dict[str, eval_lib.Result], list[float]]:
+    """Trains and scores every setting of the report: the experts (as trained), the full-data
+    reference, the distilled set from the experts' and from random initialisations, a random subset
+    and a herding coreset of the distilled set's size. Returns ``(results, lr candidates)``."""
+    n_syn = x_syn.shape[0]
+    ipc = n_syn // n_classes
+    results: dict[str, eval_lib.Result] = {}
+
+    # Full data: the experts are models trained on the whole training split.
+    uar, wa, cm = eval_lib.score(fm, jnp.asarray(ex.params[:, -1], jnp.float32), sets, n_classes)
+    results["full_data"] = eval_lib.Result("full_data", uar, wa, cm, ex.meta["train_seconds_per_expert"],
+                                           int(x_tr.shape[0]), {"epochs": ex.n_epochs, "seeds": "experts"})
+    results["full_data_reference"] = train_reference(cfg, fm, x_tr, y_tr, ex.inits[:cfg.eval_seeds],
+                                                     jax.random.fold_in(key, 4), sets, n_classes)
+    # Every small set (distilled, random, herding) chooses its lr on validation from the same candidates.
+    cands = lr_candidates(cfg, lr)
+
+    def small(name, x, targets, inits, k):
+        return eval_lib.choose_lr(lambda l: train_small(cfg, fm, x, targets, l, inits, k, sets, n_classes, name),
+                                  cands)
+
+    results["distilled_fixed_init"] = small("distilled_fixed_init", x_syn, t_syn, ex.inits, key)
+    random_inits = fm.init_many(jax.random.split(jax.random.fold_in(key, 1), cfg.eval_seeds))
+    results["distilled_random_init"] = small("distilled_random_init", x_syn, t_syn, random_inits,
+                                             jax.random.fold_in(key, 2))
+    # Random real subsets of the same size (one per seed), trained from the experts' inits.
+    rng = np.random.default_rng(cfg.seed + 13)
+    subsets = [eval_lib.random_subset(y_tr, ipc, n_classes, rng) for _ in range(cfg.eval_seeds)]
+    def subsets_at(lr_):
+        return eval_lib.merge_seeds("random_subset_fixed_init", [
+            train_small(cfg, fm, x_tr[idx], train.one_hot(y_tr[idx], n_classes), lr_, ex.inits[[s % ex.inits.shape[0]]],
+                        jax.random.fold_in(key, 100 + s), sets, n_classes, "random_subset")
+            for s, idx in enumerate(subsets)], n_syn)
+
+    results["random_subset_fixed_init"] = eval_lib.choose_lr(subsets_at, cands)
+    # Herding coreset of the same size (deterministic), from the experts' inits.
+    idx = eval_lib.herding_subset(x_tr, y_tr, ipc, n_classes)
+    results["herding_subset_fixed_init"] = small("herding_subset_fixed_init", x_tr[idx],
+                                                 train.one_hot(y_tr[idx], n_classes), ex.inits, jax.random.fold_in(key, 3))
+    return results, cands
