@@ -103,13 +103,17 @@ def train_and_score(name: str, fm: FlatModel, cfg: train.TrainConfig, x, targets
 
 
 def merge_seeds(name: str, runs: list[Result], n_train: int, extra: dict | None = None) -> Result:
-    """One result from single-seed results (e.g. one random subset per seed), seeds in order."""
+    """One result from single-seed results (e.g. one random subset per seed), seeds in order; the
+    epochs each was kept at (``selected_epoch``) are merged too."""
     splits = list(runs[0].uar)
     params = [r.params for r in runs]
+    extra = dict(extra or {})
+    if all("selected_epoch" in r.extra for r in runs):
+        extra["selected_epoch"] = sum((list(r.extra["selected_epoch"]) for r in runs), [])
     return Result(name, {k: sum((r.uar[k] for r in runs), []) for k in splits},
                   {k: sum((r.wa[k] for r in runs), []) for k in splits},
                   {k: np.sum([r.confusion[k] for r in runs], axis=0).tolist() for k in splits},
-                  sum(r.train_seconds for r in runs), n_train, dict(extra or {}),
+                  sum(r.train_seconds for r in runs), n_train, extra,
                   None if any(p is None for p in params) else jax.numpy.concatenate(params))
 
 

@@ -231,3 +231,15 @@ def test_choose_lr_keeps_the_best_validation_lr():
     r = choose_lr(train_at, [0.01, 0.1, 1.0])
     assert r.extra["lr"] == 0.1 and r.extra["lr_val_uar"] == {"0.01": 0.4, "0.1": 0.7, "1": 0.7}
     assert r.train_seconds == 6.0
+
+
+def test_merge_seeds_keeps_scores_and_selected_epochs_in_seed_order():
+    from sersynth.evaluate import Result, merge_seeds
+
+    eye = [[1, 0], [0, 1]]
+    runs = [Result("s", {"val": [v], "test": [v / 2]}, {"val": [v], "test": [v]}, {"val": eye, "test": eye},
+                   1.5, 5, {"selected_epoch": [e]}) for v, e in ((0.2, 50), (0.6, 100))]
+    m = merge_seeds("subset", runs, 5, {"lr": 0.1})
+    assert m.uar == {"val": [0.2, 0.6], "test": [0.1, 0.3]} and m.train_seconds == 3.0
+    assert m.extra == {"lr": 0.1, "selected_epoch": [50, 100]}
+    assert m.confusion["val"] == [[2, 0], [0, 2]]
