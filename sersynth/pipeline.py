@@ -319,14 +319,15 @@ def tune_search(cfg: RunConfig, n_train: int, n_expert_epochs: int, distill_with
     (e.g. more expert epochs than stored) are refused before any trial runs."""
     n_it = cfg.tune.iterations or cfg.distill.iterations
     trials = cfg.tune.trials(cfg.seed)
-    for values in trials:
+    configs = [dataclasses.replace(distill_config(cfg, n_train, values), iterations=n_it) for values in trials]
+    for dcfg, values in zip(configs, trials):
         try:
-            dataclasses.replace(distill_config(cfg, n_train, values), iterations=n_it).validate(n_expert_epochs)
+            dcfg.validate(n_expert_epochs)
         except ValueError as e:
             raise RunError(f"--tune_grid trial {values}: {e}") from None
 
     def run_trial(i, values):
-        dcfg = dataclasses.replace(distill_config(cfg, n_train, values), iterations=n_it)
+        dcfg = configs[i]
         final, _, evaluations = distill_with(dcfg, folder / f"trial_{i:03d}", cfg.eval_every or n_it, f"tune{i}")
         after = [e for e in evaluations if e["step"] > 0]
         best = max(after, key=lambda e: (e["score"], e["step"]))

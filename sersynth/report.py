@@ -163,6 +163,11 @@ def plot_privacy(audit: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
+def _chosen(tune: dict) -> str:
+    """``--tune``'s chosen values as ``name=value, ...``."""
+    return ", ".join(f"{k}={v}" for k, v in tune["chosen"].items())
+
+
 def summary_table(report: dict) -> str:
     """Console table of validation/test UAR and WA (mean +- std over seeds) per training setting."""
     lines = [f"{'training set':<26}{'n':>7}{'val UAR':>16}{'test UAR':>16}{'test WA':>16}{'train s':>9}"]
@@ -189,8 +194,8 @@ def summary_table(report: dict) -> str:
                                              if v is not None))
     if report.get("tune"):
         t = report["tune"]
-        lines.append(f"tune: {len(t['trials'])} trials on validation chose "
-                     + ", ".join(f"{k}={v}" for k, v in t["chosen"].items()) + f" (val UAR {t['chosen_val_uar']:.3f})")
+        lines.append(f"tune: {len(t['trials'])} trials on validation chose {_chosen(t)} "
+                     f"(val UAR {t['chosen_val_uar']:.3f})")
     lines += [f"WARNING: {w}" for w in report.get("warnings", [])]
     return "\n".join(lines)
 
@@ -239,8 +244,7 @@ def markdown(report: dict, config: dict) -> str:
         t = report["tune"]
         lines.append(f"- Settings chosen on validation (`--tune`, {len(t['trials'])} trials of "
                      f"{t['iterations'] or d.get('iterations')} iterations): "
-                     + ", ".join(f"{k}={v}" for k, v in t["chosen"].items())
-                     + f" (validation UAR {t['chosen_val_uar'] * 100:.1f}; trials in `distill/tune/tune.json`).")
+                     + _chosen(t) + f" (validation UAR {t['chosen_val_uar'] * 100:.1f}; trials in `distill/tune/tune.json`).")
     lines += [f"- **Warning:** {w}" for w in report.get("warnings", [])]
     if report.get("stage_seconds"):
         lines.append("- Seconds per stage: " + ", ".join(f"{k} {v:.1f}" for k, v in report["stage_seconds"].items()
