@@ -228,15 +228,17 @@ def test_runner_runs_every_fold_resumes_and_pools(tmp_path):
             for text in ("a01", "b02", "a04"):
                 _wav(root / "wav" / f"{spk}{text}{e}a.wav", 10 * i + j, seconds=0.3)
     tiny = [f for f in TINY_FLAGS if not f.startswith(("--corpus=", "--embedded", "--emotions="))]
-    common = ["--flagfile=experiments/flags/emodb.flags", f"--workdir={tmp_path / 'run'}", f"--corpus_dir={root}",
-              "--emotions=anger,sadness,happiness", *tiny]
+    flags = ["--flagfile=experiments/flags/emodb.flags", f"--corpus_dir={root}", "--emotions=anger,sadness,happiness",
+             *tiny]
+    common = [*flags, f"--workdir={tmp_path / 'run'}"]
     run_cli(*common, "--fold=1")
     assert (tmp_path / "run" / "fold1" / "report.json").is_file() and not (tmp_path / "run" / "report.json").exists()
     first = json.loads((tmp_path / "run" / "fold1" / "report.json").read_text())
     assert first["protocol"] == "loso" and first["fold"] == 1
     # every fold, killed with SIGKILL during fold 0's distillation, then the same command again:
     # fold 1 is reused, fold 0 resumes from its checkpoint, fold 2 runs, and the folds are pooled
-    from tests.test_resume import _kill_when, _start_with
+    from sersynth.io import load_npz
+    from tests.test_resume import _kill_when, _results, _start_with
 
     w = tmp_path / "run"
     _kill_when(_start_with(common), lambda: (w / "fold0" / "distill" / "checkpoint.npz").is_file())
@@ -253,6 +255,14 @@ def test_runner_runs_every_fold_resumes_and_pools(tmp_path):
     assert report["folds"][1]["test_uar"] == {n: r["test_uar_mean"] for n, r in first["results"].items()}
     assert (tmp_path / "run" / report["artifacts"]["plots"][0]).stat().st_size > 0
     assert "3 folds pooled" in (tmp_path / "run" / "report.md").read_text()
+    # the fold killed mid-distillation and resumed ends exactly as the same fold run uninterrupted
+    run_cli(*flags, f"--workdir={tmp_path / 'alone'}", "--fold=0")
+    a, b = tmp_path / "alone" / "fold0", w / "fold0"
+    x, y = load_npz(a / "distill" / "distilled.npz"), load_npz(b / "distill" / "distilled.npz")
+    assert x.keys() == y.keys()
+    for k in x:
+        np.testing.assert_array_equal(x[k], y[k])
+    assert _results(a) == _results(b)
     proc = run_cli(*common, "--fold=3", "--stage=evaluate", check=False)
     assert proc.returncode == 2 and "--fold=3: the cache has 3 fold(s)" in proc.stderr.strip().splitlines()[-1]
 
