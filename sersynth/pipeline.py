@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from sersynth import dist
+from sersynth import artifact, dist
 from sersynth import distill as distill_lib
 from sersynth import evaluate as eval_lib
 from sersynth import experts as experts_lib
@@ -29,8 +29,7 @@ from sersynth import report as report_lib
 from sersynth import train
 from sersynth import tune as tune_lib
 from sersynth.data import cache as cache_lib
-from sersynth.io import (DirectoryLocked, as_json, atomic_save_npz, atomic_write_bytes, atomic_write_json, load_npz,
-                         lock_dir, read_json)
+from sersynth.io import DirectoryLocked, as_json, atomic_write_bytes, atomic_write_json, lock_dir, read_json
 from sersynth.models import ModelSpec, flat_model
 
 STAGES = ("prepare", "experts", "distill", "evaluate")
@@ -138,8 +137,43 @@ class RunConfig:
                 self.tune.validate()
             except ValueError as e:
                 raise RunError(str(e)) from None
-        if "prepare" not in self.stages and not (self.paths["cache"] / "manifest.json").is_file():
+        if "prepare" in self.stages:
+            self._validate_corpus()
+        elif not (self.paths["cache"] / "manifest.json").is_file():
             raise RunError(f"no feature cache in {self.paths['cache']}; run the prepare stage or set --cache_dir")
+
+    def prepare_config(self):
+        """The :class:`sersynth.data.prepare.PrepareConfig` of the prepare stage."""
+        from sersynth.data import features, prepare
+
+        pc = dict(self.prepare)
+        feat = features.FeatureConfig(**pc.pop("features", {}))
+        return prepare.PrepareConfig(corpus=self.corpus, features=feat, **pc)
+
+    def _validate_corpus(self) -> None:
+        """What the prepare stage would refuse, refused before the run directory is written to."""
+        from sersynth.data import corpora
+
+        try:
+            self.prepare_config().features.validate()
+            names = [n.strip() for n in self.corpus.split(",") if n.strip()]
+            for name in names:
+                corpora.get(name)
+        except ValueError as e:
+            raise RunError(str(e)) from None
+        if self.corpus == "embedded":
+            return
+        if not self.corpus_dir:
+            raise RunError(f"--corpus={self.corpus} needs --corpus_dir (the corpus folder as it ships)")
+        dirs = self.corpus_dir.split(",")
+        if len(dirs) != len(names):
+            raise RunError(f"--corpus names {len(names)} corpora but --corpus_dir gives {len(dirs)} folder(s)")
+        missing = [d for d in dirs if not Path(d).is_dir()]
+        if missing:
+            raise RunError(f"--corpus_dir {','.join(missing)} does not exist")
+
+
+COMMAND_FILE = "command.flags"
 
 
 def _recorded_stage_seconds(cfg: RunConfig) -> dict:
@@ -199,21 +233,16 @@ def check_workdir(cfg: RunConfig) -> None:
 
 
 def stage_prepare(cfg: RunConfig) -> cache_lib.FeatureSet:
-    from sersynth.data import features, prepare, synth_corpus
+    from sersynth.data import prepare, synth_corpus
 
     p = cfg.paths
-    pc = dict(cfg.prepare)
-    feat = features.FeatureConfig(**pc.pop("features", {}))
-    pcfg = prepare.PrepareConfig(corpus=cfg.corpus, features=feat, **pc)
+    pcfg = cfg.prepare_config()
+    feat = pcfg.features
     if cfg.corpus == "embedded":
         synth_corpus.generate(p["corpus"], synth_corpus.CorpusConfig(
             n_speakers=cfg.embedded_speakers, utterances=cfg.embedded_utterances,
             emotions=tuple(pcfg.emotions) or synth_corpus.PAPER_EMOTIONS, seed=cfg.seed,
             sample_rate=max(feat.sample_rate, 16000)), progress=cfg.progress)
-    else:
-        missing = [d for d in str(p["corpus"]).split(",") if not Path(d).is_dir()]
-        if missing:
-            raise RunError(f"--corpus_dir {','.join(missing)} does not exist")
     fs = prepare.prepare(p["corpus"], p["cache"], pcfg, progress=cfg.progress)
     logging.info("feature cache %s\n%s", p["cache"], prepare.summary(fs))
     return fs
@@ -296,7 +325,14 @@ def stage_distill(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Expe
     targets = dist.to_host(distill_lib.targets_of(chosen.params, chosen.labels, fs.n_classes))
     out = {"x": dist.to_host(chosen.params["x"]), "labels": dist.to_host(chosen.labels), "targets": targets,
            "lr": np.asarray(distill_lib.inner_lr(chosen.params))}
-    atomic_save_npz(dist_dir / "distilled.npz", out)
+    artifact.save_set(dist_dir / "distilled.npz", artifact.DistilledSet(
+        out["x"], out["labels"], targets, float(out["lr"]), fs.mel_mean, fs.mel_std,
+        {"classes": fs.classes, "corpus": fs.manifest.get("corpus"), "cache_hash": fs.hash,
+         "fold": fs.manifest.get("fold") if fs.n_folds > 1 else None,
+         "features": artifact.feature_settings(fs.manifest), "model": fm.spec.to_json(),
+         "train": dataclasses.asdict(protocol.eval_config(cfg)), "eval_optimizer": cfg.eval_optimizer,
+         "lr_for_training": protocol.syn_lr(cfg, float(out["lr"])),
+         "distill": dataclasses.asdict(dcfg), "selected_iteration": selected, "experts": ex.meta["fingerprint"]}))
     meta = {"model": fm.spec.to_json(), "cache_hash": fs.hash, "experts": ex.meta["fingerprint"],
             "distill": dataclasses.asdict(dcfg), "selected_iteration": int(selected),
             "evaluations": evaluations, "seconds": seconds, "classes": fs.classes,
@@ -341,8 +377,9 @@ def load_distilled(cfg: RunConfig) -> dict:
     d = cfg.paths["distill"]
     if not (d / "distilled.npz").is_file() or not (d / "meta.json").is_file():
         raise RunError(f"no distilled set in {d}; run the distill stage first")
-    advice = "re-run the distill stage (--stage=distill,evaluate)"
-    return {**load_npz(d / "distilled.npz", advice), "meta": read_json(d / "meta.json", advice)}
+    ds = artifact.load_set(d / "distilled.npz")
+    return {"x": ds.x, "labels": ds.labels, "targets": ds.targets, "lr": np.float32(ds.lr),
+            "meta": read_json(d / "meta.json", "re-run the distill stage (--stage=distill,evaluate)")}
 
 
 def stage_evaluate(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Experts, distilled: dict) -> dict:
@@ -441,7 +478,7 @@ def stage_evaluate(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Exp
     return report
 
 
-def run(cfg: RunConfig) -> dict | None:
+def run(cfg: RunConfig, command: str | None = None) -> dict | None:
     """Runs the requested stages in order; each later stage loads what an earlier run wrote.
 
     With a cross-validation protocol (the cache has several folds) every fold (or ``cfg.fold``) runs
@@ -455,6 +492,8 @@ def run(cfg: RunConfig) -> dict | None:
     except DirectoryLocked as e:
         raise RunError(str(e)) from None
     check_workdir(cfg)
+    if command is not None:          # the runner's flags as a re-runnable flag file (report.md: Reproduce)
+        atomic_write_bytes(Path(cfg.workdir) / COMMAND_FILE, command.encode())
     # multi-host: process 0 prepares (and generates the embedded corpus); the others load its cache
     t0 = time.perf_counter()
     fs = stage_prepare(cfg) if "prepare" in cfg.stages and dist.is_writer() else None

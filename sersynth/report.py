@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 from absl import logging
 
+from sersynth import artifact
 from sersynth.io import atomic_write_bytes
 
 
@@ -254,20 +255,12 @@ def markdown(report: dict, config: dict) -> str:
         lines += ["", "## Figures", ""] + [f"![{Path(p).stem}]({p})" for p in arts["plots"]]
     if arts.get("audio"):
         lines += ["", "## Listen", ""] + [f"- [{Path(a).stem}]({a})" for a in arts["audio"]]
-    lines += ["", "## Reproduce", "", "`config.json` in this folder holds every setting; "
-              "`python -m experiments.run --flagfile=...` with the same flags reproduces the numbers "
-              "(the runner refuses to mix settings in one folder).", "", "## Cite", "",
+    lines += ["", "## Reproduce", "", "`sersynth run --flagfile=command.flags` (run from the folder it was started "
+              "in) re-runs this run: `command.flags` holds every flag of the run, `config.json` every resolved "
+              "setting; a finished run is reused, an interrupted one resumes, and a run with other settings is "
+              "refused in this folder.", "", "## Cite", "",
               "Method: Cazenavette et al., *Dataset Distillation by Matching Training Trajectories*, CVPR 2022; "
               "for speech emotion: Chang et al., *Breaking Resource Barriers in Speech Emotion Recognition via "
               "Data Distillation*, Interspeech 2025 (arXiv 2406.15119). Software: sersynth "
-              f"{_version()}.", ""]
+              f"{artifact.version()}.", ""]
     return "\n".join(lines)
-
-
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("sersynth")
-    except Exception:  # noqa: BLE001 - not installed (PYTHONPATH=. on an accelerator machine)
-        return "(source tree)"

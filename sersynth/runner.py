@@ -1,7 +1,9 @@
-"""sersynth experiment runner: flags -> RunConfig -> sersynth.pipeline.run.
+"""``sersynth run``: the experiment runner, flags -> RunConfig -> sersynth.pipeline.run.
 
-    python -m experiments.run --flagfile=experiments/flags/quickstart.flags
-    python -m experiments.run --flagfile=experiments/flags/paper_demos.flags --cache_dir=CACHE --stage=experts,distill,evaluate
+    sersynth run --flagfile=experiments/flags/quickstart.flags
+    sersynth run --flagfile=experiments/flags/paper_demos.flags --cache_dir=CACHE --stage=experts,distill,evaluate
+
+(``python -m experiments.run`` is the same command from a checkout.)
 
 Every knob is a flag; flag files in experiments/flags/ hold the reproducible configurations.
 Bad values stop the run before any compute with a one-line ``error: ...`` and exit status 2.
@@ -17,6 +19,7 @@ from sersynth import tune as tune_lib
 from sersynth.data import prepare
 
 F = flags.FLAGS
+_BEFORE = set(F)
 
 # --- run ---------------------------------------------------------------------------------------
 flags.DEFINE_string("workdir", None, "run directory (config, metrics, artifacts, report)")
@@ -120,6 +123,19 @@ flags.DEFINE_bool("privacy_audit", True, "distances of the distilled set to the 
                   "membership-inference attack on full-data vs distilled-trained models (report.json 'privacy')")
 
 
+RUN_FLAGS = tuple(name for name in F if name not in _BEFORE)    # the runner's own flags, definition order
+KEY_FLAGS = ("flagfile", "corpus", "corpus_dir", "workdir", "protocol", "model", "ipc", "stage")
+SKIP_IN_COMMAND = ("overwrite",)
+
+
+def command_flags(argv: list[str]) -> str:
+    """A flag file that re-runs this run: every runner flag at its value (defaults included, so a
+    later sersynth with other defaults still reproduces it), after the command line as typed."""
+    lines = ["# sersynth run: re-run with  sersynth run --flagfile=<this file>", "# as typed: " + " ".join(argv)]
+    lines += [F[name].serialize() for name in RUN_FLAGS if name not in SKIP_IN_COMMAND and F[name].value is not None]
+    return "\n".join(line for line in lines if line) + "\n"
+
+
 def config_from_flags() -> pipeline.RunConfig:
     stages = tuple(pipeline.STAGES) if F.stage == ["all"] else tuple(F.stage)
     try:
@@ -173,13 +189,21 @@ def main(argv):
     try:
         dist.initialize(F.coordinator_address, F.num_processes, F.process_id)
         cfg = config_from_flags()
-        pipeline.run(cfg)
+        pipeline.run(cfg, command=command_flags(sys.argv))
     except (pipeline.RunError, ValueError, FileNotFoundError, FileExistsError, distill.DistillDiverged) as e:
         logging.debug("run failed", exc_info=True)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
 
-if __name__ == "__main__":
+def cli(argv: list[str] | None = None) -> None:
+    from sersynth.cli import short_help
+
+    argv = list(sys.argv if argv is None else argv)
+    short_help(argv, KEY_FLAGS, __doc__)
     flags.mark_flag_as_required("workdir")
-    app.run(main)
+    app.run(main, argv=argv)
+
+
+if __name__ == "__main__":
+    cli()

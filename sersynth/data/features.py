@@ -61,3 +61,20 @@ def log_mel(audio: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
         y=audio, sr=cfg.sample_rate, n_fft=cfg.n_fft, hop_length=cfg.hop_length, n_mels=cfg.n_mels,
         fmin=cfg.fmin, fmax=cfg.fmax or cfg.sample_rate / 2, power=2.0)
     return librosa.power_to_db(mel, ref=1.0, amin=1e-10, top_db=None).T.astype(np.float32)
+
+
+def clip_features(path: str, n_samples: int, cfg: FeatureConfig) -> tuple[np.ndarray | None, str]:
+    """One file's ``[frames, n_mels]`` log-Mel features as the feature cache holds them (before the
+    per-bin normalisation), or ``(None, reason)`` when the file cannot be used. The one extraction of
+    the cache and of ``sersynth predict``."""
+    try:
+        audio = load_audio(path, cfg.sample_rate)
+    except Exception as e:  # noqa: BLE001 - any decoder failure is a per-file reason
+        return None, f"does not decode: {str(e).splitlines()[0][:120]}"
+    if audio.size == 0:
+        return None, "zero-length audio"
+    if audio.size < cfg.n_fft:
+        return None, f"too short: {audio.size / cfg.sample_rate * 1000:.0f} ms, under one {cfg.n_fft}-sample window"
+    if float(np.max(np.abs(audio))) < 1e-5:
+        return None, "silent audio"
+    return log_mel(fix_length(audio, n_samples), cfg), ""

@@ -1,7 +1,7 @@
 """Data prep: corpus folder -> feature cache (decode, resample, fixed length, log-Mel, split, normalise).
 
-Run alone with ``python -m sersynth.data.prepare --corpus=demos --root=DIR --out=CACHE_DIR`` or as the
-``prepare`` stage of ``experiments/run.py``. Re-running with the same audio and parameters reuses the
+Run alone with ``sersynth prepare --corpus=demos --root=DIR --out=CACHE_DIR`` or as the ``prepare``
+stage of ``sersynth run``. Re-running with the same audio and parameters reuses the
 cache; the cache is written atomically, so an interrupted run leaves the old cache (or none).
 """
 from __future__ import annotations
@@ -54,16 +54,7 @@ def _probe(path: str) -> tuple[float, str, int]:
 
 
 def _extract(args: tuple[str, int, features.FeatureConfig]) -> tuple[np.ndarray | None, str]:
-    path, n_samples, cfg = args
-    try:
-        audio = features.load_audio(path, cfg.sample_rate)
-    except Exception as e:  # noqa: BLE001
-        return None, f"does not decode: {str(e).splitlines()[0][:120]}"
-    if audio.size == 0:
-        return None, "zero-length audio"
-    if float(np.max(np.abs(audio))) < 1e-5:
-        return None, "silent audio"
-    return features.log_mel(features.fix_length(audio, n_samples), cfg), ""
+    return features.clip_features(*args)
 
 
 def prepare(root: str | Path, out_dir: str | Path, cfg: PrepareConfig = PrepareConfig(),
@@ -354,11 +345,22 @@ def define_flags(flags_module, root_required: bool = True) -> None:
     F.DEFINE_float("max_clip_seconds", 0.0, "with --clip_seconds=0: cap on the corpus's longest clip (0: no cap)")
 
 
-if __name__ == "__main__":
+def cli(argv: list[str] | None = None) -> None:
+    """``sersynth prepare`` (also ``python -m sersynth.data.prepare``)."""
+    import sys
+
     from absl import app, flags as absl_flags
 
+    from sersynth.cli import short_help
+
+    argv = list(sys.argv if argv is None else argv)
     define_flags(absl_flags)
     absl_flags.DEFINE_string("root", None, "corpus folder as the corpus ships it (several: comma-separated, as --corpus)")
     absl_flags.DEFINE_string("out", None, "feature cache folder to write")
+    short_help(argv, ("corpus", "root", "out", "emotions", "protocol", "clip_seconds", "n_mels"), __doc__)
     absl_flags.mark_flags_as_required(["root", "out"])
-    app.run(main)
+    app.run(main, argv=argv)
+
+
+if __name__ == "__main__":
+    cli()
