@@ -176,6 +176,32 @@ def targets_of(state_params: dict, labels: jax.Array, n_classes: int) -> jax.Arr
     return jax.nn.one_hot(labels, n_classes, dtype=jnp.float32)
 
 
+def init_key(seed: int) -> jax.Array:
+    """The key :func:`distill` initialises the synthetic set with (see :func:`init_sources`)."""
+    return jax.random.fold_in(jax.random.key(seed), 1_000_003)
+
+
+def init_sources(cfg: DistillConfig, y_train: np.ndarray, n_classes: int, key: jax.Array) -> np.ndarray | None:
+    """``[n_syn, k]`` indices of the training clips each synthetic sample starts from (``real``: k = 1,
+    ``mix``: k = ``init_mix``); None for ``noise``. The privacy audit asks whether they can be told."""
+    if cfg.init not in ("real", "mix"):
+        return None
+    k = 1 if cfg.init == "real" else cfg.init_mix
+    chosen = []
+    for c in range(n_classes):
+        pool = np.flatnonzero(np.asarray(y_train) == c)
+        if pool.size == 0:
+            raise ValueError(f"class {c} has no training samples to initialise the synthetic set from")
+        kc = jax.random.fold_in(key, c)
+        if k == 1:
+            chosen.append(np.asarray(jax.random.choice(kc, pool, (cfg.ipc,), replace=pool.size < cfg.ipc))[:, None])
+        else:
+            keys = jax.random.split(kc, cfg.ipc)
+            chosen.append(np.stack([np.asarray(jax.random.choice(kk, pool, (k,), replace=pool.size < k))
+                                    for kk in keys]))
+    return np.concatenate(chosen)
+
+
 def init_state(cfg: DistillConfig, x_train: np.ndarray, y_train: np.ndarray, n_classes: int,
                key: jax.Array) -> DistillState:
     """Synthetic set of ``ipc`` per class: random real training samples of that class (``real``);
@@ -184,19 +210,8 @@ def init_state(cfg: DistillConfig, x_train: np.ndarray, y_train: np.ndarray, n_c
     labels = np.repeat(np.arange(n_classes, dtype=np.int32), cfg.ipc)
     if cfg.init in ("real", "mix"):
         k = 1 if cfg.init == "real" else cfg.init_mix
-        chosen = []
-        for c in range(n_classes):
-            pool = np.flatnonzero(np.asarray(y_train) == c)
-            if pool.size == 0:
-                raise ValueError(f"class {c} has no training samples to initialise the synthetic set from")
-            kc = jax.random.fold_in(key, c)
-            if k == 1:
-                chosen.append(np.asarray(jax.random.choice(kc, pool, (cfg.ipc,), replace=pool.size < cfg.ipc)))
-            else:
-                keys = jax.random.split(kc, cfg.ipc)
-                chosen.append(np.stack([np.asarray(jax.random.choice(kk, pool, (k,), replace=pool.size < k))
-                                        for kk in keys]))
-        idx = np.concatenate(chosen)                                    # [n_syn] or [n_syn, k]
+        idx = init_sources(cfg, y_train, n_classes, key)
+        idx = idx[:, 0] if k == 1 else idx                               # [n_syn] or [n_syn, k]
         x = np.asarray(x_train)[idx]
         if k > 1:
             spread = x.std(axis=(2, 3)).mean(axis=1)                    # [n_syn]: the clips' average spread
@@ -474,7 +489,7 @@ def distill(fm: FlatModel, cfg: DistillConfig, trajectories: np.ndarray, x_train
         raise ValueError("--lr_init=0 (auto) must be resolved first (DistillConfig.resolve_lr_init)")
     donate = default_donate() if donate is None else donate
     root = jax.random.key(seed)
-    state = init_state(cfg, x_train, y_train, n_classes, jax.random.fold_in(root, 1_000_003))
+    state = init_state(cfg, x_train, y_train, n_classes, init_key(seed))
     best, evaluations, seconds_before, t0 = snapshot(state), [], 0.0, time.perf_counter()
     ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
     best_path = ckpt.with_suffix(".best.npz") if ckpt is not None else None

@@ -402,11 +402,13 @@ def stage_evaluate(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Exp
     if cfg.privacy_audit:
         x_hold = np.concatenate([sets["val"][0], sets["test"][0]])
         y_hold = np.concatenate([sets["val"][1], sets["test"][1]])
+        dcfg = distill_lib.DistillConfig(**distilled["meta"]["distill"])
         audit = privacy.audit(fm, x_syn, x_tr, y_tr, x_hold, y_hold,
                               {"full_data": jnp.asarray(ex.params[:, -1], jnp.float32),
                                "distilled_fixed_init": results["distilled_fixed_init"].params,
                                "distilled_random_init": results["distilled_random_init"].params},
-                              seed=cfg.seed)
+                              seed=cfg.seed, mel_std=fs.mel_std, labels=distilled["labels"],
+                              sources=distill_lib.init_sources(dcfg, y_tr, n_classes, distill_lib.init_key(cfg.seed)))
 
     full_feature_bytes = int(x_tr.nbytes)
     files = fs.manifest["files"]
@@ -437,8 +439,14 @@ def stage_evaluate(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Exp
         d, mia = audit["dcr"], audit["membership_inference"]
         summary.update({"dcr_median_synthetic": d["median_synthetic"], "dcr_median_holdout": d["median_holdout"],
                         "dcr_frac_below_holdout_p1": d["frac_synthetic_below_holdout_p1"],
+                        "dcr_robust_frac_below_holdout_p1": d["robust"]["frac_synthetic_below_holdout_p1"],
+                        "dcr_mixture_frac_below_holdout_p1": d["mixture"]["frac_synthetic_below_holdout_p1"],
                         "mia_auc_full_data": mia["full_data"]["auc_mean"],
                         "mia_auc_distilled": mia["distilled_fixed_init"]["auc_mean"]})
+        sr = audit.get("source_recovery", {})
+        if sr.get("n_samples"):
+            summary.update({"source_recovery_auc": sr["auc_mean"], "source_recovery_topk_hit_rate": sr["topk_hit_rate"],
+                            "source_recovery_topk_chance": sr["topk_chance"]})
     report = {"corpus": fs.manifest["corpus"], "classes": classes, "cache_hash": fs.hash,
               "experts_val_uar_curve": ex.meta.get("val_uar_curve"),
               "model": fm.spec.to_json(), "n_params": fm.n_params, "backend": jax.default_backend(),

@@ -19,6 +19,8 @@ what the audit is for. Numpy and JAX only (runs on an accelerator machine withou
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,21 +45,145 @@ def nearest(a: np.ndarray, b: np.ndarray, chunk: int = 256) -> tuple[np.ndarray,
     return dist, idx
 
 
+@dataclasses.dataclass(frozen=True)
+class EditSearch:
+    """The edits a near-copy may hide behind, undone before measuring a distance: a gain (each
+    clip's mean removed, in dB when ``mel_std`` is given), time shifts of up to ``max_shift``
+    frames (circular) and time stretches by ``stretches``."""
+    max_shift: int = 3
+    stretches: tuple[float, ...] = (0.9, 0.95, 1.05, 1.1)
+    remove_gain: bool = True
+
+
+def _centre(x: np.ndarray, mel_std: np.ndarray | None, remove_gain: bool) -> np.ndarray:
+    """Normalised log-Mel -> dB offsets (per-bin means cancel in every difference), minus each clip's
+    mean (a gain in dB is a constant offset)."""
+    x = np.asarray(x, np.float32) * (1.0 if mel_std is None else np.asarray(mel_std, np.float32))
+    return x - x.mean(axis=(1, 2), keepdims=True) if remove_gain else x
+
+
+def stretch(x: np.ndarray, factor: float) -> np.ndarray:
+    """``[N, frames, mels]`` played ``factor`` times faster (linear interpolation in time), repeated
+    or cut to the same number of frames."""
+    t = x.shape[1]
+    src = np.arange(t) * factor
+    src = np.mod(src, t - 1) if t > 1 else src * 0
+    lo = np.floor(src).astype(int)
+    hi = np.minimum(lo + 1, t - 1)
+    w = (src - lo)[None, :, None].astype(np.float32)
+    return (1 - w) * x[:, lo] + w * x[:, hi]
+
+
+def robust_nearest(a: np.ndarray, b: np.ndarray, edits: EditSearch = EditSearch(),
+                   mel_std: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`nearest` after undoing the edits of ``edits``: for each row of ``a`` the smallest RMS
+    distance (dB when ``mel_std`` is given) to any row of ``b`` over every shift and stretch of it."""
+    a = _centre(a, mel_std, edits.remove_gain)
+    b = _centre(b, mel_std, edits.remove_gain)
+    best_d, best_i = np.full(a.shape[0], np.inf), np.zeros(a.shape[0], np.int64)
+    variants = [a] + [stretch(a, f) for f in edits.stretches]
+    for v in variants:
+        if edits.remove_gain:
+            v = v - v.mean(axis=(1, 2), keepdims=True)
+        for shift in range(-edits.max_shift, edits.max_shift + 1):
+            d, i = nearest(np.roll(v, shift, axis=1), b)
+            better = d < best_d
+            best_d, best_i = np.where(better, d, best_d), np.where(better, i, best_i)
+    return best_d, best_i
+
+
+def mixture_distance(a: np.ndarray, b: np.ndarray, k: int = 16, mel_std: np.ndarray | None = None,
+                     remove_gain: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """For each row of ``a``: the RMS distance to the closest mixture ``w b_i + (1 - w) b_j`` (0 <= w
+    <= 1) of two of its ``k`` nearest rows of ``b``, and the pair ``[N, 2]``. A sum of two
+    recordings is close to this even when far from each of them."""
+    a = _centre(a, mel_std, remove_gain).reshape(a.shape[0], -1).astype(np.float64)
+    bc = _centre(b, mel_std, remove_gain).reshape(b.shape[0], -1)
+    out_d, out_pair = np.empty(a.shape[0]), np.zeros((a.shape[0], 2), np.int64)
+    bb = np.sum(bc.astype(np.float64) ** 2, axis=1)
+    for n in range(a.shape[0]):
+        d2 = bb - 2.0 * (bc @ a[n].astype(np.float32)) + np.sum(a[n] ** 2)
+        cand = np.argsort(d2)[:k]
+        best = (np.inf, (cand[0], cand[0]))
+        for ii, i in enumerate(cand):
+            for j in cand[ii:]:
+                u, v = a[n] - bc[j], bc[i].astype(np.float64) - bc[j]          # a - (w b_i + (1-w) b_j) = u - w v
+                vv = float(v @ v)
+                w = 0.0 if vv == 0 else min(1.0, max(0.0, float(u @ v) / vv))
+                r = float(np.sum((u - w * v) ** 2))
+                if r < best[0]:
+                    best = (r, (i, j))
+        out_d[n] = np.sqrt(best[0] / a.shape[1])
+        out_pair[n] = best[1]
+    return out_d, out_pair
+
+
+def _distances(d_syn: np.ndarray, d_hold: np.ndarray) -> dict:
+    p1, p5 = np.percentile(d_hold, [1, 5])
+    return {"synthetic": d_syn.tolist(), "holdout": d_hold.tolist(),
+            "median_synthetic": float(np.median(d_syn)), "median_holdout": float(np.median(d_hold)),
+            "min_synthetic": float(d_syn.min()), "holdout_p1": float(p1), "holdout_p5": float(p5),
+            "frac_synthetic_below_holdout_p1": float(np.mean(d_syn < p1)),
+            "frac_synthetic_below_holdout_p5": float(np.mean(d_syn < p5))}
+
+
 def dcr(x_syn: np.ndarray, x_train: np.ndarray, x_holdout: np.ndarray, max_holdout: int = 2000,
-        seed: int = 0) -> dict:
+        seed: int = 0, edits: EditSearch | None = None, mel_std: np.ndarray | None = None,
+        mixtures: bool = False) -> dict:
     """Distances to the closest training clip, synthetic vs held-out real (at most ``max_holdout``
-    of them, drawn with ``seed``), with summary figures."""
+    of them, drawn with ``seed``), with summary figures: plain RMS; with ``edits`` also ``robust``
+    (after undoing gain, shifts and stretches: a shifted or louder copy is still flagged), with
+    ``mixtures`` also ``mixture`` (closest mixture of two training clips). Each is read against the
+    same distance of unseen real clips: a distilled sample below their 1st percentile is nearer to a
+    training clip than 99% of speech never trained on."""
     d_syn, nn = nearest(x_syn, x_train)
     if x_holdout.shape[0] > max_holdout:
         x_holdout = x_holdout[np.random.default_rng(seed).choice(x_holdout.shape[0], max_holdout, replace=False)]
     d_hold, _ = nearest(x_holdout, x_train)
-    p1, p5 = np.percentile(d_hold, [1, 5])
-    return {"synthetic": d_syn.tolist(), "holdout": d_hold.tolist(), "nearest_train_index": nn.tolist(),
-            "median_synthetic": float(np.median(d_syn)), "median_holdout": float(np.median(d_hold)),
-            "min_synthetic": float(d_syn.min()), "holdout_p1": float(p1), "holdout_p5": float(p5),
-            "frac_synthetic_below_holdout_p1": float(np.mean(d_syn < p1)),
-            "frac_synthetic_below_holdout_p5": float(np.mean(d_syn < p5)),
-            "distinct_nearest_train_clips": int(np.unique(nn).size)}
+    out = {**_distances(d_syn, d_hold), "nearest_train_index": nn.tolist(),
+           "distinct_nearest_train_clips": int(np.unique(nn).size)}
+    if edits is not None:
+        rs, ri = robust_nearest(x_syn, x_train, edits, mel_std)
+        rh, _ = robust_nearest(x_holdout, x_train, edits, mel_std)
+        out["robust"] = {**_distances(rs, rh), "nearest_train_index": ri.tolist(),
+                         "edits": dataclasses.asdict(edits), "units": "dB" if mel_std is not None else "normalised"}
+    if mixtures:
+        ms, mp = mixture_distance(x_syn, x_train, mel_std=mel_std)
+        mh, _ = mixture_distance(x_holdout[:200], x_train, mel_std=mel_std)
+        out["mixture"] = {**_distances(ms, mh), "pairs": mp.tolist()}
+    return out
+
+
+def source_recovery(x_syn: np.ndarray, labels: np.ndarray, sources: np.ndarray, x_train: np.ndarray,
+                    y_train: np.ndarray) -> dict:
+    """How well a distilled sample gives away the training clips it was initialised from (``sources``
+    ``[N, k]`` indices into ``x_train``; ``real`` init: k = 1, ``mix``: k = init_mix). The attack ranks
+    the training clips of the sample's class by centred correlation with it; reported: the AUC of
+    sources vs the other clips of the class (0.5 = chance), and the share of the top k that are
+    sources against the share expected by chance (k / clips of the class)."""
+    def centred(v):
+        v = v.reshape(v.shape[0], -1).astype(np.float64)
+        v = v - v.mean(axis=1, keepdims=True)
+        return v / (np.linalg.norm(v, axis=1, keepdims=True) + 1e-12)
+
+    xs, xt = centred(np.asarray(x_syn)), centred(np.asarray(x_train))
+    sources = np.asarray(sources).reshape(len(xs), -1)
+    aucs, hits, chance = [], [], []
+    for n in range(len(xs)):
+        pool = np.flatnonzero(np.asarray(y_train) == labels[n])
+        src = np.isin(pool, sources[n])
+        if src.all() or not src.any():
+            continue
+        corr = xt[pool] @ xs[n]
+        aucs.append(auc(corr[src], corr[~src]))
+        k = int(src.sum())
+        hits.append(float(src[np.argsort(-corr)[:k]].mean()))
+        chance.append(k / pool.size)
+    if not aucs:
+        return {"n_samples": 0}
+    return {"auc_mean": float(np.mean(aucs)), "auc_min": float(np.min(aucs)), "auc_per_sample": aucs,
+            "topk_hit_rate": float(np.mean(hits)), "topk_chance": float(np.mean(chance)), "n_samples": len(aucs),
+            "sources_per_sample": int(sources.shape[1])}
 
 
 def per_clip_loss(fm: FlatModel, params: jax.Array, x: np.ndarray, y: np.ndarray, chunk: int = 512) -> np.ndarray:
@@ -86,8 +212,9 @@ def membership_auc(fm: FlatModel, params: jax.Array, members: tuple, nonmembers:
                    seed: int = 0) -> dict:
     """Loss-threshold attack: AUC of "member" for ``n`` members vs ``n`` non-members, per model."""
     rng = np.random.default_rng(seed)
-    im = rng.choice(members[0].shape[0], min(n, members[0].shape[0]), replace=False)
-    inn = rng.choice(nonmembers[0].shape[0], min(n, nonmembers[0].shape[0]), replace=False)
+    n = min(n, members[0].shape[0], nonmembers[0].shape[0])          # equal numbers: AUC 0.5 means chance
+    im = rng.choice(members[0].shape[0], n, replace=False)
+    inn = rng.choice(nonmembers[0].shape[0], n, replace=False)
     lm = per_clip_loss(fm, params, members[0][im], members[1][im])
     ln = per_clip_loss(fm, params, nonmembers[0][inn], nonmembers[1][inn])
     per_model = [auc(-lm[s], -ln[s]) for s in range(lm.shape[0])]   # low loss -> member
@@ -96,9 +223,34 @@ def membership_auc(fm: FlatModel, params: jax.Array, members: tuple, nonmembers:
             "loss_gap": float(np.mean(ln) - np.mean(lm))}
 
 
+MEANING = {
+    "dcr": "RMS distance (normalised log-Mel) of each distilled sample to its closest training clip, against the "
+           "same distance of real clips never trained on; below their 1st percentile = nearer than 99% of them",
+    "robust": "the same after undoing a gain (each clip's mean in dB), time shifts of a few frames and time "
+              "stretches: a shifted or louder copy of a training clip is flagged here and not by the plain distance",
+    "mixture": "distance to the closest mixture of two training clips (of its 16 nearest), against unseen clips",
+    "source_recovery": "ranking the training clips of a sample's class by correlation with it: AUC of the clips it "
+                       "was initialised from (0.5 = chance: they cannot be told; 1 = always ranked first), top-k "
+                       "hit rate against chance",
+    "membership_inference": "loss-threshold attack, equal numbers of training clips and clips never trained on: "
+                            "AUC; the reference for 'no leak' is the AUC of models that never saw a real clip (the "
+                            "distilled-trained ones), since members and non-members differ in speakers too",
+    "caveat": "a large distance is not proof that nothing leaks: these metrics find copies, edited copies, "
+              "mixtures and recoverable sources, not every possible leak",
+}
+
+
 def audit(fm: FlatModel, x_syn: np.ndarray, x_train: np.ndarray, y_train: np.ndarray, x_holdout: np.ndarray,
-          y_holdout: np.ndarray, models: dict[str, jax.Array], n_mia: int = 2000, seed: int = 0) -> dict:
-    """DCR of the synthetic set and the membership-inference AUC of each named model stack."""
-    return {"dcr": dcr(x_syn, x_train, x_holdout, seed=seed),
-            "membership_inference": {name: membership_auc(fm, p, (x_train, y_train), (x_holdout, y_holdout), n_mia,
-                                                          seed) for name, p in models.items()}}
+          y_holdout: np.ndarray, models: dict[str, jax.Array], n_mia: int = 2000, seed: int = 0,
+          mel_std: np.ndarray | None = None, labels: np.ndarray | None = None,
+          sources: np.ndarray | None = None, edits: EditSearch = EditSearch()) -> dict:
+    """Distances of the synthetic set (plain, robust to simple edits, to mixtures of two clips), the
+    recovery of its initialisation sources (when given), and the membership-inference AUC of each
+    named model stack, with what each number means (:data:`MEANING`)."""
+    out = {"dcr": dcr(x_syn, x_train, x_holdout, seed=seed, edits=edits, mel_std=mel_std, mixtures=True),
+           "membership_inference": {name: membership_auc(fm, p, (x_train, y_train), (x_holdout, y_holdout), n_mia,
+                                                         seed) for name, p in models.items()},
+           "meaning": MEANING}
+    if sources is not None and labels is not None:
+        out["source_recovery"] = source_recovery(x_syn, labels, sources, x_train, y_train)
+    return out

@@ -146,22 +146,45 @@ def plot_privacy(audit: dict, path: Path) -> Path:
     """Histogram of distances to the closest training clip (synthetic vs unseen real speech) and the
     membership-inference AUC of each model family."""
     plt = _plt()
-    d = audit["dcr"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
-    bins = np.linspace(0, max(max(d["synthetic"]), max(d["holdout"])) * 1.02, 40)
-    axes[0].hist(d["holdout"], bins, alpha=0.6, density=True, label="real clips of unseen speakers")
-    axes[0].hist(d["synthetic"], bins, alpha=0.6, density=True, label="distilled samples")
-    axes[0].axvline(d["holdout_p1"], color="k", ls="--", lw=0.8, label="1st percentile, unseen real")
-    axes[0].set(title="distance to the closest training clip (RMS, normalised log-Mel)", xlabel="distance")
-    axes[0].legend(fontsize=7)
+    panels = [(audit["dcr"], "plain (normalised log-Mel)")]
+    if "robust" in audit["dcr"]:
+        panels.append((audit["dcr"]["robust"], f"after undoing gain, shift, stretch ({audit['dcr']['robust']['units']})"))
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(5.5 * (len(panels) + 1), 3.4))
+    for ax, (d, what) in zip(axes, panels):
+        bins = np.linspace(0, max(max(d["synthetic"]), max(d["holdout"])) * 1.02, 40)
+        ax.hist(d["holdout"], bins, alpha=0.6, density=True, label="real clips never trained on")
+        ax.hist(d["synthetic"], bins, alpha=0.6, density=True, label="distilled samples")
+        ax.axvline(d["holdout_p1"], color="k", ls="--", lw=0.8, label="their 1st percentile: left of it = near-copy")
+        ax.set(title=f"distance to the closest training clip\n{what}", xlabel="RMS distance")
+        ax.legend(fontsize=7)
     mia = audit["membership_inference"]
     names = list(mia)
-    axes[1].bar(range(len(names)), [mia[n]["auc_mean"] for n in names], yerr=[mia[n]["auc_std"] for n in names],
-                color=["tab:red", "tab:blue", "tab:cyan"][:len(names)])
-    axes[1].axhline(0.5, color="k", ls="--", lw=0.8)
-    axes[1].set_xticks(range(len(names)), [n.replace("_", " ") for n in names], fontsize=8)
-    axes[1].set(title="membership inference (loss threshold): AUC, 0.5 = no leak", ylim=(0.3, 1.0))
+    axes[-1].bar(range(len(names)), [mia[n]["auc_mean"] for n in names], yerr=[mia[n]["auc_std"] for n in names],
+                 color=["tab:red", "tab:blue", "tab:cyan"][:len(names)])
+    ref = [mia[n]["auc_mean"] for n in names if n.startswith("distilled")]
+    if ref:
+        axes[-1].axhline(float(np.mean(ref)), color="k", ls="--", lw=0.8, label="no-leak reference: never saw a real clip")
+        axes[-1].legend(fontsize=7)
+    axes[-1].set_xticks(range(len(names)), [n.replace("_", " ") for n in names], fontsize=8)
+    axes[-1].set(title="membership inference (loss threshold): AUC", ylim=(0.3, 1.0))
     return _save(fig, path)
+
+
+def privacy_text(s: dict) -> str:
+    """The privacy audit's summary in words, each figure beside its reference."""
+    out = (f"median distance of a distilled sample to its closest training clip {s['dcr_median_synthetic']:.3f} "
+           f"(clips never trained on: {s['dcr_median_holdout']:.3f}; a random or herding subset: 0); nearer than 99% "
+           f"of clips never trained on: {s['dcr_frac_below_holdout_p1'] * 100:.1f}% of distilled samples, "
+           f"{s.get('dcr_robust_frac_below_holdout_p1', float('nan')) * 100:.1f}% after undoing gain, shifts and "
+           f"stretches, {s.get('dcr_mixture_frac_below_holdout_p1', float('nan')) * 100:.1f}% as a mixture of two "
+           f"clips (about 1% expected of unrelated speech).")
+    if "source_recovery_auc" in s:
+        out += (f" Initialisation sources recovered with AUC {s['source_recovery_auc']:.3f} (0.5 = chance), "
+                f"{s['source_recovery_topk_hit_rate'] * 100:.0f}% of top-k guesses right (chance "
+                f"{s['source_recovery_topk_chance'] * 100:.0f}%).")
+    return out + (f" Membership-inference AUC: full-data models {s['mia_auc_full_data']:.3f}, models trained on the "
+                  f"distilled set only {s['mia_auc_distilled']:.3f} (these never saw a real clip: their AUC is the "
+                  "no-leak reference, not 0.5, since members and non-members also differ in speakers).")
 
 
 def _chosen(tune: dict) -> str:
@@ -185,11 +208,7 @@ def summary_table(report: dict) -> str:
                  f"of the training clips, {s['storage_ratio_features'] * 100:.2f}% of their feature bytes, "
                  f"{s['storage_ratio_audio'] * 100:.3f}% of their audio bytes")
     if "dcr_median_synthetic" in s:
-        lines.append(f"privacy: median distance to the closest training clip {s['dcr_median_synthetic']:.3f} "
-                     f"(unseen real speech: {s['dcr_median_holdout']:.3f}; random/herding subsets: 0), "
-                     f"{s['dcr_frac_below_holdout_p1'] * 100:.1f}% of distilled samples nearer than 99% of unseen "
-                     f"clips; membership-inference AUC full data {s['mia_auc_full_data']:.3f}, distilled "
-                     f"{s['mia_auc_distilled']:.3f} (0.5 = no leak)")
+        lines.append("privacy: " + privacy_text(s))
     if report.get("stage_seconds"):
         lines.append("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in report["stage_seconds"].items()
                                              if v is not None))
@@ -236,11 +255,8 @@ def markdown(report: dict, config: dict) -> str:
               f"- Distilled minus random subset: {s['distilled_minus_subset_test_uar'] * 100:+.1f} test UAR points; "
               f"minus herding: {s['distilled_minus_herding_test_uar'] * 100:+.1f}."]
     if "dcr_median_synthetic" in s:
-        lines += [f"- Privacy: median distance of a distilled sample to its closest training clip "
-                  f"{s['dcr_median_synthetic']:.3f} (unseen speakers' clips: {s['dcr_median_holdout']:.3f}); "
-                  f"{s['dcr_frac_below_holdout_p1'] * 100:.1f}% of distilled samples are nearer than 99% of "
-                  f"unseen clips. Membership-inference AUC: full data {s['mia_auc_full_data']:.3f}, distilled "
-                  f"{s['mia_auc_distilled']:.3f} (0.5 = no leak)."]
+        lines += ["- Privacy: " + privacy_text(s) + " A large distance is not proof that nothing leaks: these "
+                  "figures find copies, edited copies, mixtures and recoverable sources."]
     if report.get("tune"):
         t = report["tune"]
         lines.append(f"- Settings chosen on validation (`--tune`, {len(t['trials'])} trials of "

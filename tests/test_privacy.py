@@ -77,3 +77,102 @@ def test_mix_initialisation_starts_from_no_single_recording():
     np.testing.assert_allclose(xm.std(axis=(1, 2)), x.std(axis=(1, 2)).mean(), rtol=0.35)
     with pytest.raises(ValueError, match="--syn_init_mix must be >= 1"):
         distill.DistillConfig(init="mix", init_mix=0).validate()
+
+
+@pytest.fixture(scope="module")
+def speech(tmp_path_factory):
+    """An embedded corpus of 10 speakers: training clips, and clips of other speakers in two halves
+    (the reference of 'never trained on', and unrelated clips to audit)."""
+    from sersynth.data import prepare, synth_corpus
+    from tests.conftest import TINY_FEATURES
+
+    corpus = synth_corpus.CorpusConfig(n_speakers=10, utterances=6, emotions=("anger", "sadness", "happiness"),
+                                       min_syllables=2, max_syllables=3)
+    root = synth_corpus.generate(tmp_path_factory.mktemp("speech"), corpus, progress=False, workers=1)
+    cfg = prepare.PrepareConfig(corpus="embedded", emotions=corpus.emotions, features=TINY_FEATURES, workers=1)
+    fs = prepare.prepare(root, tmp_path_factory.mktemp("speech_cache"), cfg, progress=False)
+    x_tr, y_tr = fs.subset("train")
+    x_out = np.concatenate([fs.subset("val")[0], fs.subset("test")[0]])
+    rng = np.random.default_rng(0)
+    order = rng.permutation(x_out.shape[0])
+    half = order.size // 2
+    return x_tr, y_tr, x_out[order[:half]], x_out[order[half:]], fs.mel_std
+
+
+def _edited_copies(x: np.ndarray, y: np.ndarray, mel_std: np.ndarray) -> dict[str, np.ndarray]:
+    """Near-copies of training clips under simple edits, made independently of the detector's code."""
+    rng = np.random.default_rng(5)
+    pick = rng.choice(x.shape[0], 12, replace=False)
+    base = x[pick]
+    t = base.shape[1]
+    src = np.clip(np.arange(t) * 1.05, 0, t - 1)                      # 5% faster, last frame held
+    stretched = np.stack([np.stack([np.interp(src, np.arange(t), clip[:, m]) for m in range(clip.shape[1])], 1)
+                          for clip in base])
+    partner = np.array([rng.choice(np.flatnonzero((y == y[i]) & (np.arange(y.size) != i))) for i in pick])
+    return {"shift 2 frames": np.roll(base, 2, axis=1),
+            "+6 dB": base + 6.0 / mel_std,
+            "shift 2 + 6 dB": np.roll(base, -2, axis=1) + 6.0 / mel_std,
+            "noise": base + 0.1 * rng.normal(size=base.shape),
+            "stretch 5%": stretched,
+            "mixture of two": 0.5 * (base + x[partner])}
+
+
+def test_edited_copies_are_flagged_and_unrelated_speech_is_not(speech):
+    x_tr, y_tr, ref, unrelated, mel_std = speech
+    copies = _edited_copies(x_tr, y_tr, mel_std)
+    for name, planted in copies.items():
+        d = privacy.dcr(planted, x_tr, ref, edits=privacy.EditSearch(), mel_std=mel_std, mixtures=True)
+        flagged = max(d["robust"]["frac_synthetic_below_holdout_p1"], d["mixture"]["frac_synthetic_below_holdout_p1"])
+        assert flagged == 1.0, (name, d["robust"]["median_synthetic"], d["robust"]["holdout_p1"])
+    plain = privacy.dcr(copies["shift 2 + 6 dB"], x_tr, ref)
+    assert plain["frac_synthetic_below_holdout_p1"] < 0.5          # the plain distance misses them
+    no_shift = privacy.dcr(copies["shift 2 frames"], x_tr, ref, edits=privacy.EditSearch(max_shift=0, stretches=()),
+                           mel_std=mel_std)
+    assert no_shift["robust"]["frac_synthetic_below_holdout_p1"] < 0.5   # flagged by the shift search, not by luck
+    clean = privacy.dcr(unrelated, x_tr, ref, edits=privacy.EditSearch(), mel_std=mel_std, mixtures=True)
+    assert clean["robust"]["frac_synthetic_below_holdout_p1"] <= 0.1
+    assert clean["mixture"]["frac_synthetic_below_holdout_p1"] <= 0.1
+
+
+def test_mixture_distance_by_hand():
+    rng = np.random.default_rng(6)
+    b = rng.normal(size=(30, 4, 3))
+    a = (0.3 * b[4] + 0.7 * b[9])[None]
+    d, pair = privacy.mixture_distance(a, b, k=30, remove_gain=False)
+    assert d[0] == pytest.approx(0, abs=1e-6) and set(pair[0]) == {4, 9}
+    far = rng.normal(size=(1, 4, 3)) * 3
+    brute = min(np.sqrt(np.mean((far[0] - (w * b[i] + (1 - w) * b[j])) ** 2))
+                for i in range(30) for j in range(30) for w in np.linspace(0, 1, 201))
+    assert privacy.mixture_distance(far, b, k=30, remove_gain=False)[0][0] == pytest.approx(brute, abs=2e-2)
+
+
+def test_mix_initialisation_sources_are_recoverable_and_shuffled_ones_are_not(speech):
+    from sersynth import distill
+
+    x_tr, y_tr, *_ = speech
+    cfg = distill.DistillConfig(ipc=4, init="mix", init_mix=4)
+    key = distill.init_key(0)
+    state = distill.init_state(cfg, x_tr, y_tr, 3, key)
+    sources = distill.init_sources(cfg, y_tr, 3, key)
+    x0, labels = np.asarray(state.params["x"]), np.asarray(state.labels)
+    assert sources.shape == (12, 4) and all((y_tr[sources[i]] == labels[i]).all() for i in range(12))
+    leak = privacy.source_recovery(x0, labels, sources, x_tr, y_tr)
+    assert leak["auc_mean"] > 0.8 and leak["topk_hit_rate"] > 2 * leak["topk_chance"]
+    # the same samples against clips they were not made from: chance
+    rng = np.random.default_rng(7)
+    wrong = np.stack([rng.choice(np.flatnonzero(y_tr == labels[i]), 4, replace=False) for i in range(12)])
+    wrong_leak = privacy.source_recovery(x0, labels, wrong, x_tr, y_tr)
+    assert abs(wrong_leak["auc_mean"] - 0.5) < 0.2
+    real = distill.DistillConfig(ipc=4, init="real")
+    assert distill.init_sources(real, y_tr, 3, key).shape == (12, 1)
+    assert distill.init_sources(distill.DistillConfig(ipc=4, init="noise"), y_tr, 3, key) is None
+
+
+def test_membership_uses_equal_numbers():
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(50, 8, 6)).astype(np.float32)
+    y = rng.integers(0, 3, 50).astype(np.int32)
+    fm = flat_model(ModelSpec(name="convnet", n_classes=3, input_shape=(8, 6), width=4, depth=1, norm="none"))
+    r = privacy.membership_auc(fm, fm.init_many(jax.random.split(jax.random.key(0), 1)), (x[:20], y[:20]),
+                               (x[20:], y[20:]), n=100)
+    assert r["n_members"] == r["n_nonmembers"] == 20

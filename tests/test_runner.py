@@ -64,8 +64,14 @@ def test_end_to_end_run_writes_every_artifact(finished_run):
     assert all(0 <= m["auc_mean"] <= 1 for m in priv["membership_inference"].values())
     assert s["mia_auc_full_data"] == priv["membership_inference"]["full_data"]["auc_mean"]
     assert "privacy: median distance" in proc.stdout
+    assert set(priv["dcr"]["robust"]["edits"]) == {"max_shift", "stretches", "remove_gain"}
+    assert len(priv["dcr"]["robust"]["synthetic"]) == len(priv["dcr"]["mixture"]["synthetic"]) == 6
+    assert priv["source_recovery"]["n_samples"] == 6 and 0 <= s["source_recovery_auc"] <= 1
+    assert set(priv["meaning"]) >= {"dcr", "robust", "mixture", "source_recovery", "membership_inference"}
+    assert all(m["n_members"] == m["n_nonmembers"] for m in priv["membership_inference"].values())
     md = (workdir / "report.md").read_text()
     assert "| distilled, fixed init | 6 |" in md and "Membership-inference AUC" in md and "arXiv 2406.15119" in md
+    assert "no-leak reference" in md and "after undoing gain, shifts and stretches" in md
     for link in [p for p in report["artifacts"]["plots"] + report["artifacts"]["audio"]]:
         assert f"({link})" in md
     for rel in report["artifacts"]["plots"] + report["artifacts"]["audio"]:
