@@ -167,3 +167,31 @@ def herding(features: np.ndarray, k: int) -> np.ndarray:
 def herding_subset(x: np.ndarray, y: np.ndarray, per_class: int, n_classes: int) -> np.ndarray:
     """Indices of ``per_class`` herded samples of each class (in feature space)."""
     return np.concatenate([np.flatnonzero(y == c)[herding(x[y == c], per_class)] for c in range(n_classes)])
+
+
+def k_center(features: np.ndarray, k: int) -> np.ndarray:
+    """Greedy k-center (farthest-point) coreset (Sener & Savarese 2018): starts from the row nearest
+    the mean of ``features [n, d]``, then repeatedly adds the row farthest from every row picked so
+    far. Returns the ``k`` indices in order of selection."""
+    x = features.reshape(features.shape[0], -1).astype(np.float64)
+    first = int(np.argmin(np.sum((x - x.mean(axis=0)) ** 2, axis=1)))
+    picked = [first]
+    nearest_d = np.sum((x - x[first]) ** 2, axis=1)
+    for _ in range(min(k, x.shape[0]) - 1):
+        j = int(np.argmax(nearest_d))
+        picked.append(j)
+        nearest_d = np.minimum(nearest_d, np.sum((x - x[j]) ** 2, axis=1))
+    return np.asarray(picked)
+
+
+def embeddings(fm: FlatModel, params: np.ndarray, x: np.ndarray, chunk: int = 512) -> np.ndarray:
+    """``[N, D]`` features one model (``params [P]``) feeds its classifier head, in chunks."""
+    f = jax.jit(fm.embed)
+    p = jax.numpy.asarray(params, jax.numpy.float32)
+    return np.concatenate([np.asarray(f(p, jax.numpy.asarray(x[i:i + chunk]))) for i in range(0, x.shape[0], chunk)])
+
+
+def k_center_subset(features: np.ndarray, y: np.ndarray, per_class: int, n_classes: int) -> np.ndarray:
+    """Indices of a ``per_class`` k-center coreset of each class in ``features [N, D]`` (e.g. a
+    trained expert's :func:`embeddings` of the training clips)."""
+    return np.concatenate([np.flatnonzero(y == c)[k_center(features[y == c], per_class)] for c in range(n_classes)])

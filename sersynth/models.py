@@ -85,6 +85,7 @@ class ConvNet(nn.Module):
             x = nn.relu(_norm(self.norm, self.dtype)(x))
             x = nn.avg_pool(x, (2, 2), strides=(2, 2), padding="SAME")
         x = x.reshape(x.shape[0], -1)
+        self.sow("intermediates", "embedding", x)
         return nn.Dense(self.n_classes, dtype=self.dtype)(x).astype(jnp.float32)
 
 
@@ -96,6 +97,7 @@ class _Head(nn.Module):
     @nn.compact
     def __call__(self, x):
         x = jnp.max(x, axis=(1, 2))
+        self.sow("intermediates", "embedding", x)
         x = nn.relu(nn.Dense(x.shape[-1], dtype=self.dtype)(x))
         return nn.Dense(self.n_classes, dtype=self.dtype)(x).astype(jnp.float32)
 
@@ -225,6 +227,13 @@ class FlatModel:
 
     def apply(self, flat: jax.Array, x: jax.Array) -> jax.Array:
         return self.module.apply({"params": self.unravel(flat)}, x)
+
+    def embed(self, flat: jax.Array, x: jax.Array) -> jax.Array:
+        """``[B, D]`` float32 features the classifier head reads (ConvNet: the flattened feature maps;
+        CNN-6 / VGG-15 / ResNet-9: the globally max-pooled channels)."""
+        _, state = self.module.apply({"params": self.unravel(flat)}, x, mutable=["intermediates"])
+        leaves = jax.tree.leaves(state["intermediates"])
+        return leaves[0].astype(jnp.float32)
 
     def init(self, key: jax.Array) -> jax.Array:
         """A fresh float32 parameter vector ``[P]``."""

@@ -21,6 +21,7 @@ from absl import logging
 
 from sersynth import artifact, dist
 from sersynth import distill as distill_lib
+from sersynth import dm as dm_lib
 from sersynth import evaluate as eval_lib
 from sersynth import experts as experts_lib
 from sersynth import privacy
@@ -85,6 +86,8 @@ class RunConfig:
     tune: tune_lib.TuneConfig = tune_lib.TuneConfig()   # --tune: grid searched on validation before distilling
     render_per_class: int = 2
     privacy_audit: bool = True            # distances to the closest training clip + membership inference
+    baselines: tuple[str, ...] = ()       # beyond random subset and herding: kcenter, dm (protocol.BASELINES)
+    dm: dm_lib.DMConfig = dm_lib.DMConfig()   # DM's settings (its ipc and initialisation follow the distillation's)
 
     @property
     def paths(self) -> dict[str, Path]:
@@ -126,6 +129,13 @@ class RunConfig:
                            f"got {self.eval_optimizer!r}")
         if self.eval_select_every < 0 or self.reference_epochs < 0 or self.eval_patience < 0:
             raise RunError("--eval_select_every, --eval_patience and --reference_epochs must be >= 0")
+        bad = [b for b in self.baselines if b not in protocol.BASELINES]
+        if bad:
+            raise RunError(f"--baselines: unknown {', '.join(bad)}; choose from {', '.join(protocol.BASELINES)}")
+        try:
+            self.dm.validate()
+        except ValueError as e:
+            raise RunError(str(e)) from None
         if self.eval_patience and not self.eval_select_every:
             raise RunError("--eval_patience needs --eval_select_every (the validation checks it counts)")
         if self.eval_batch_size < 0:
@@ -424,6 +434,9 @@ def stage_evaluate(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Exp
         - results["random_subset_fixed_init"].mean_std("test")[0],
         "distilled_minus_herding_test_uar": results["distilled_fixed_init"].mean_std("test")[0]
         - results["herding_subset_fixed_init"].mean_std("test")[0],
+        **{f"distilled_minus_{short}_test_uar": results["distilled_fixed_init"].mean_std("test")[0]
+           - results[name].mean_std("test")[0]
+           for short, name in (("kcenter", "kcenter_subset_fixed_init"), ("dm", "dm_fixed_init")) if name in results},
         "fraction_of_train": n_syn / x_tr.shape[0],
         "distilled_bytes": int(x_syn.astype(np.float32).nbytes), "full_feature_bytes": full_feature_bytes,
         "full_audio_bytes": train_audio_bytes,

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from sersynth.pipeline import RunConfig
 
 EVAL_OPTIMIZERS = ("learned_sgd", "mtt", "expert")
+BASELINES = ("kcenter", "dm")      # run on request, beyond the random subset and herding (always run)
 
 
 def eval_config(cfg: RunConfig) -> train.TrainConfig:
@@ -85,7 +86,8 @@ def train_every_setting(cfg: RunConfig, fm, ex: Experts, x_tr, y_tr, sets: dict,
                         lr: float, key) -> tuple[dict[str, eval_lib.Result], list[float]]:
     """Trains and scores every setting of the report: the experts (as trained), the full-data
     reference, the distilled set from the experts' and from random initialisations, a random subset
-    and a herding coreset of the distilled set's size. Returns ``(results, lr candidates)``."""
+    and a herding coreset of the distilled set's size, and on request (``cfg.baselines``) a k-center
+    coreset and a DM-distilled set of that size. Returns ``(results, lr candidates)``."""
     n_syn = x_syn.shape[0]
     ipc = n_syn // n_classes
     results: dict[str, eval_lib.Result] = {}
@@ -121,4 +123,19 @@ def train_every_setting(cfg: RunConfig, fm, ex: Experts, x_tr, y_tr, sets: dict,
     idx = eval_lib.herding_subset(x_tr, y_tr, ipc, n_classes)
     results["herding_subset_fixed_init"] = small("herding_subset_fixed_init", x_tr[idx],
                                                  train.one_hot(y_tr[idx], n_classes), ex.inits, jax.random.fold_in(key, 3))
+    if "kcenter" in cfg.baselines:
+        # greedy k-center in the feature space of a trained expert (expert 0 after its last epoch)
+        feats = eval_lib.embeddings(fm, ex.params[0, -1], x_tr)
+        idx = eval_lib.k_center_subset(feats, y_tr, ipc, n_classes)
+        results["kcenter_subset_fixed_init"] = small("kcenter_subset_fixed_init", x_tr[idx],
+                                                     train.one_hot(y_tr[idx], n_classes), ex.inits,
+                                                     jax.random.fold_in(key, 5))
+    if "dm" in cfg.baselines:
+        from sersynth import dm as dm_lib
+
+        dmc = dataclasses.replace(cfg.dm, ipc=ipc, init=cfg.distill.init, init_mix=cfg.distill.init_mix,
+                                  augment=cfg.distill.augment)
+        x_dm, lab_dm, info = dm_lib.distill(fm, dmc, x_tr, y_tr, n_classes, cfg.seed)
+        r = small("dm_fixed_init", x_dm, train.one_hot(lab_dm, n_classes), ex.inits, jax.random.fold_in(key, 6))
+        results["dm_fixed_init"] = dataclasses.replace(r, extra={**r.extra, "dm": info})
     return results, cands

@@ -223,7 +223,9 @@ def summary_table(report: dict) -> str:
 _SETTINGS = {"full_data": "full training split (the experts)",
              "full_data_reference": "full training split (reference, best epoch on validation)", "distilled_fixed_init": "distilled, fixed init",
              "distilled_random_init": "distilled, random init", "random_subset_fixed_init": "random real subset",
-             "herding_subset_fixed_init": "herding coreset"}
+             "herding_subset_fixed_init": "herding coreset",
+             "kcenter_subset_fixed_init": "k-center coreset (expert features)",
+             "dm_fixed_init": "distribution matching (DM), same size"}
 
 
 def markdown(report: dict, config: dict) -> str:
@@ -253,7 +255,10 @@ def markdown(report: dict, config: dict) -> str:
               f"{s['storage_ratio_features'] * 100:.2f}% of their feature bytes, "
               f"{s['storage_ratio_audio'] * 100:.3f}% of their audio bytes.",
               f"- Distilled minus random subset: {s['distilled_minus_subset_test_uar'] * 100:+.1f} test UAR points; "
-              f"minus herding: {s['distilled_minus_herding_test_uar'] * 100:+.1f}."]
+              f"minus herding: {s['distilled_minus_herding_test_uar'] * 100:+.1f}"
+              + "".join(f"; minus {w}: {s[k] * 100:+.1f}" for k, w in (("distilled_minus_kcenter_test_uar", "k-center"),
+                                                                      ("distilled_minus_dm_test_uar", "DM")) if k in s)
+              + "."]
     if "dcr_median_synthetic" in s:
         lines += ["- Privacy: " + privacy_text(s) + " A large distance is not proof that nothing leaks: these "
                   "figures find copies, edited copies, mixtures and recoverable sources."]

@@ -15,6 +15,7 @@ import sys
 from absl import app, flags, logging
 
 from sersynth import dist, distill, pipeline, protocol, train
+from sersynth import dm as dm_lib
 from sersynth import tune as tune_lib
 from sersynth.data import prepare
 
@@ -119,6 +120,12 @@ flags.DEFINE_integer("reference_epochs", 0, "full-data reference models (the rat
                      "kept at its best validation UAR (0: --expert_train_epochs)")
 flags.DEFINE_integer("eval_batch_size", 0, "minibatch when training on distilled/subset data (0: --expert_batch_size)")
 flags.DEFINE_integer("render_per_class", 2, "Griffin-Lim WAV renders per class")
+flags.DEFINE_list("baselines", [], "compared beyond the random subset and herding (always run): kcenter (greedy "
+                  "k-center coreset in a trained expert's feature space), dm (distribution matching, Zhao & Bilen "
+                  "2023, a second distillation method at the same size)")
+flags.DEFINE_integer("dm_iterations", 500, "--baselines=dm: outer steps (one random network each)")
+flags.DEFINE_float("dm_lr_img", 1.0, "--baselines=dm: SGD step on the spectrograms (momentum 0.5)")
+flags.DEFINE_integer("dm_batch_real", 64, "--baselines=dm: real clips per class per step")
 flags.DEFINE_bool("privacy_audit", True, "distances of the distilled set to the closest training clips and a "
                   "membership-inference attack on full-data vs distilled-trained models (report.json 'privacy')")
 
@@ -180,7 +187,8 @@ def config_from_flags() -> pipeline.RunConfig:
         mesh_devices=F.mesh_devices, eval_every=F.eval_every, checkpoint_every=F.checkpoint_every, log_every=F.log_every,
         eval_seeds=F.eval_seeds, eval_epochs=F.eval_epochs, eval_lr_grid=lr_grid, eval_optimizer=F.eval_optimizer,
         eval_batch_size=F.eval_batch_size, eval_select_every=F.eval_select_every, eval_patience=F.eval_patience, tune=tune, reference_epochs=F.reference_epochs,
-        render_per_class=F.render_per_class, privacy_audit=F.privacy_audit)
+        render_per_class=F.render_per_class, privacy_audit=F.privacy_audit, baselines=tuple(F.baselines),
+        dm=dm_lib.DMConfig(iterations=F.dm_iterations, lr_img=F.dm_lr_img, batch_real=F.dm_batch_real))
 
 
 def main(argv):

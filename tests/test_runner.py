@@ -21,7 +21,8 @@ TINY_FLAGS = [
     "--model=convnet", "--width=4", "--depth=1", "--n_experts=2", "--expert_train_epochs=4", "--expert_lr=0.05",
     "--expert_batch_size=16", "--ipc=2", "--syn_steps=3", "--expert_epochs=1", "--max_start_epoch=2",
     "--iterations=20", "--eval_every=10", "--checkpoint_every=5", "--log_every=2", "--lr_img=10", "--lr_init=0.01",
-    "--eval_seeds=2", "--eval_epochs=5", "--render_per_class=1", "--noprogress",
+    "--eval_seeds=2", "--eval_epochs=5", "--render_per_class=1", "--noprogress", "--baselines=kcenter,dm",
+    "--dm_iterations=5",
 ]
 
 
@@ -39,7 +40,8 @@ def test_end_to_end_run_writes_every_artifact(finished_run):
     report = json.loads((workdir / "report.json").read_text())
     assert set(report["results"]) == {"full_data", "full_data_reference", "distilled_fixed_init",
                                       "distilled_random_init", "random_subset_fixed_init",
-                                      "herding_subset_fixed_init"}
+                                      "herding_subset_fixed_init", "kcenter_subset_fixed_init", "dm_fixed_init"}
+    assert report["results"]["dm_fixed_init"]["extra"]["dm"]["iterations"] == 5
     ref = report["results"]["full_data_reference"]
     assert len(ref["uar"]["test"]) == 2 and ref["extra"]["epochs"] == 4
     assert all(1 <= e <= 4 for e in ref["extra"]["selected_epoch"])
@@ -52,7 +54,8 @@ def test_end_to_end_run_writes_every_artifact(finished_run):
     assert s["learned_lr"] > 0
     # every small set chose its lr on validation from the same candidates: the learned lr, expert lr x grid
     small = [report["results"][k]["extra"] for k in ("distilled_fixed_init", "distilled_random_init",
-                                                     "random_subset_fixed_init", "herding_subset_fixed_init")]
+                                                     "random_subset_fixed_init", "herding_subset_fixed_init",
+                                                     "kcenter_subset_fixed_init", "dm_fixed_init")]
     tried = [sorted(float(v) for v in e["lr_val_uar"]) for e in small]
     assert all(t == tried[0] for t in tried)
     assert tried[0] == pytest.approx(sorted([s["learned_lr"], 0.015, 0.05, 0.15]), rel=1e-5)
@@ -71,6 +74,7 @@ def test_end_to_end_run_writes_every_artifact(finished_run):
     assert all(m["n_members"] == m["n_nonmembers"] for m in priv["membership_inference"].values())
     md = (workdir / "report.md").read_text()
     assert "| distilled, fixed init | 6 |" in md and "Membership-inference AUC" in md and "arXiv 2406.15119" in md
+    assert "| k-center coreset (expert features) | 6 |" in md and "minus DM:" in md
     assert "no-leak reference" in md and "after undoing gain, shifts and stretches" in md
     for link in [p for p in report["artifacts"]["plots"] + report["artifacts"]["audio"]]:
         assert f"({link})" in md
