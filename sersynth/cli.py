@@ -2,7 +2,8 @@
 
     sersynth prepare --corpus=ravdess --root=DIR --out=CACHE     build a feature cache
     sersynth run --flagfile=FLAGS --workdir=W                    experts, distillation, evaluation, report
-    sersynth export --run=W --out=DIR                            the distilled set, standing alone
+    sersynth table --flagfile=FLAGS --workdir=W                  the paper's tables: guides x ipc x models
+    sersynth export --distilled=W/distill/distilled.npz --out=F  the distilled set, standing alone
     sersynth train --distilled=W/distill/distilled.npz --out=M   a model trained on the distilled set only
     sersynth predict --model=M a.wav b.wav                       emotion of each recording
 
@@ -16,6 +17,7 @@ import sys
 COMMANDS = {
     "prepare": ("sersynth.data.prepare", "build (or reuse) the feature cache of a corpus folder"),
     "run": ("sersynth.runner", "run the pipeline: prepare, experts, distill, evaluate (resumable)"),
+    "table": ("sersynth.table", "guiding models x ipc x evaluation models, every method: table.csv, table.md, plots"),
     "export": ("sersynth.use", "write a run's distilled set as a self-describing .npz or a folder of .npy"),
     "train": ("sersynth.use", "train a model on a distilled set alone (no recordings, no cache)"),
     "predict": ("sersynth.use", "predict the emotion of recordings with a trained model"),

@@ -31,7 +31,7 @@ from sersynth import train
 from sersynth import tune as tune_lib
 from sersynth.data import cache as cache_lib
 from sersynth.io import DirectoryLocked, as_json, atomic_write_bytes, atomic_write_json, lock_dir, read_json
-from sersynth.models import ModelSpec, flat_model
+from sersynth.models import MODELS, ModelSpec, flat_model
 
 STAGES = ("prepare", "experts", "distill", "evaluate")
 
@@ -87,6 +87,8 @@ class RunConfig:
     render_per_class: int = 2
     privacy_audit: bool = True            # distances to the closest training clip + membership inference
     baselines: tuple[str, ...] = ()       # beyond random subset and herding: kcenter, dm (protocol.BASELINES)
+    eval_models: tuple[str, ...] = ()     # also train these model families on every small set (cross-architecture)
+    experts_dir: str = ""                 # '' -> <workdir>/experts; shared by several runs (sersynth table)
     dm: dm_lib.DMConfig = dm_lib.DMConfig()   # DM's settings (its ipc and initialisation follow the distillation's)
 
     @property
@@ -94,7 +96,7 @@ class RunConfig:
         w = Path(self.workdir)
         return {"corpus": Path(self.corpus_dir) if self.corpus_dir else w / "corpus",
                 "cache": Path(self.cache_dir) if self.cache_dir else w / "cache",
-                "experts": w / "experts", "distill": w / "distill", "report": w / "report.json",
+                "experts": Path(self.experts_dir) if self.experts_dir else w / "experts", "distill": w / "distill", "report": w / "report.json",
                 "metrics": w / "metrics.jsonl", "plots": w / "plots", "audio": w / "audio", "config": w / "config.json"}
 
     def to_json(self) -> dict:
@@ -104,7 +106,7 @@ class RunConfig:
         d = dataclasses.asdict(self)
         for volatile in ("stages", "overwrite", "progress", "fold", "workdir"):
             d.pop(volatile)
-        for key in ("cache_dir", "corpus_dir"):
+        for key in ("cache_dir", "corpus_dir", "experts_dir"):
             d[key] = ",".join(str(Path(p).resolve()) for p in d[key].split(",")) if d[key] else ""
         return as_json(d)
 
@@ -129,6 +131,9 @@ class RunConfig:
                            f"got {self.eval_optimizer!r}")
         if self.eval_select_every < 0 or self.reference_epochs < 0 or self.eval_patience < 0:
             raise RunError("--eval_select_every, --eval_patience and --reference_epochs must be >= 0")
+        bad = [m for m in self.eval_models if m not in MODELS]
+        if bad:
+            raise RunError(f"--eval_models: unknown {', '.join(bad)}; choose from {', '.join(MODELS)}")
         bad = [b for b in self.baselines if b not in protocol.BASELINES]
         if bad:
             raise RunError(f"--baselines: unknown {', '.join(bad)}; choose from {', '.join(protocol.BASELINES)}")
@@ -235,7 +240,7 @@ def check_workdir(cfg: RunConfig) -> None:
         if p["report"].is_file() and "evaluate" in cfg.stages and set(cfg.stages) == set(STAGES):
             raise RunError(f"{cfg.workdir} holds a finished run (report.json); use --overwrite to redo it")
     if cfg.overwrite and dist.is_writer():
-        for key in ("experts", "distill", "plots", "audio"):
+        for key in ("distill", "plots", "audio") + (() if cfg.experts_dir else ("experts",)):   # shared experts stay
             shutil.rmtree(p[key], ignore_errors=True)
         for key in ("report", "metrics"):
             p[key].unlink(missing_ok=True)
@@ -406,7 +411,18 @@ def stage_evaluate(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Exp
     ipc = n_syn // n_classes
     results: dict[str, eval_lib.Result] = {}
 
-    results, cands = protocol.train_every_setting(cfg, fm, ex, x_tr, y_tr, sets, n_classes, x_syn, t_syn, lr, key)
+    results, cands, pools = protocol.train_every_setting(cfg, fm, ex, x_tr, y_tr, sets, n_classes, x_syn, t_syn, lr,
+                                                         key)
+    cross = {}
+    for name in cfg.eval_models:
+        if name == fm.spec.name:
+            continue
+        fm_other = _model(dataclasses.replace(cfg, model={**cfg.model, "name": name}), fs)
+        res = protocol.train_other_model(cfg, fm_other, x_tr, y_tr, sets, n_classes, pools, cands,
+                                         jax.random.fold_in(key, 1000 + len(cross)))
+        cross[name] = {"model": fm_other.spec.to_json(), "n_params": fm_other.n_params,
+                       "results": {k: r.to_json() for k, r in res.items()}}
+        logging.info("evaluated on %s: %s", name, ", ".join(f"{k} {r.mean_std('test')[0]:.3f}" for k, r in res.items()))
 
     audit = None
     if cfg.privacy_audit:
@@ -468,6 +484,8 @@ def stage_evaluate(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Exp
               "protocol": fs.manifest.get("protocol", "speaker"), "fold": fs.manifest.get("fold", 0),
               "model_selection": "on the validation split; the test split is read once, for this report",
               "distill": distilled["meta"].get("distill"), "lr_candidates": cands}
+    if cross:
+        report["other_models"] = cross
     if distilled["meta"].get("tune"):
         report["tune"] = distilled["meta"]["tune"]
     if distilled["meta"].get("evaluations") and summary["selected_iteration"] == 0:

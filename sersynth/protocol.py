@@ -82,60 +82,88 @@ def train_reference(cfg: RunConfig, fm, x, y, inits, key, eval_sets: dict, n_cla
                                     select_every=max(1, epochs // 10), epochs=epochs)
 
 
-def train_every_setting(cfg: RunConfig, fm, ex: Experts, x_tr, y_tr, sets: dict, n_classes: int, x_syn, t_syn,
-                        lr: float, key) -> tuple[dict[str, eval_lib.Result], list[float]]:
-    """Trains and scores every setting of the report: the experts (as trained), the full-data
-    reference, the distilled set from the experts' and from random initialisations, a random subset
-    and a herding coreset of the distilled set's size, and on request (``cfg.baselines``) a k-center
-    coreset and a DM-distilled set of that size. Returns ``(results, lr candidates)``."""
-    n_syn = x_syn.shape[0]
-    ipc = n_syn // n_classes
-    results: dict[str, eval_lib.Result] = {}
+def small_sets(cfg: RunConfig, fm, ex: Experts, x_tr, y_tr, n_classes: int, x_syn, t_syn
+               ) -> tuple[dict[str, list[tuple[np.ndarray, np.ndarray]]], dict]:
+    """Every small training set of the report, by setting: ``[(x, targets)]``, one per seed for the
+    random subsets (a new subset each seed), one for the others: the distilled set, a herding
+    coreset, and on request (``cfg.baselines``) a k-center coreset and a DM-distilled set, all of the
+    distilled set's size per class. Also returns facts about them (DM's run)."""
+    ipc = x_syn.shape[0] // n_classes
+    rng = np.random.default_rng(cfg.seed + 13)
+    subsets = [eval_lib.random_subset(y_tr, ipc, n_classes, rng) for _ in range(cfg.eval_seeds)]
+    real = lambda idx: (x_tr[idx], train.one_hot(y_tr[idx], n_classes))      # noqa: E731
+    out = {"distilled": [(x_syn, t_syn)], "random_subset": [real(idx) for idx in subsets],
+           "herding_subset": [real(eval_lib.herding_subset(x_tr, y_tr, ipc, n_classes))]}
+    info = {}
+    if "kcenter" in cfg.baselines:
+        # greedy k-center in the feature space of a trained expert (expert 0 after its last epoch)
+        feats = eval_lib.embeddings(fm, ex.params[0, -1], x_tr)
+        out["kcenter_subset"] = [real(eval_lib.k_center_subset(feats, y_tr, ipc, n_classes))]
+    if "dm" in cfg.baselines:
+        from sersynth import dm as dm_lib
 
+        dmc = dataclasses.replace(cfg.dm, ipc=ipc, init=cfg.distill.init, init_mix=cfg.distill.init_mix,
+                                  augment=cfg.distill.augment)
+        x_dm, lab_dm, info["dm"] = dm_lib.distill(fm, dmc, x_tr, y_tr, n_classes, cfg.seed)
+        out["dm"] = [(x_dm, train.one_hot(lab_dm, n_classes))]
+    return out, info
+
+
+def _train_set(cfg, fm, name, pairs, inits, key, sets, n_classes, cands) -> eval_lib.Result:
+    """One setting, choosing its lr on validation: every seed on the one set, or seed s on set s."""
+    if len(pairs) == 1:
+        x, t = pairs[0]
+        return eval_lib.choose_lr(lambda l: train_small(cfg, fm, x, t, l, inits, key, sets, n_classes, name), cands)
+
+    def at(lr_):
+        return eval_lib.merge_seeds(name, [
+            train_small(cfg, fm, x, t, lr_, inits[s % len(inits):s % len(inits) + 1], jax.random.fold_in(key, 100 + s), sets,
+                        n_classes, name) for s, (x, t) in enumerate(pairs)], int(pairs[0][0].shape[0]))
+
+    return eval_lib.choose_lr(at, cands)
+
+
+def train_every_setting(cfg: RunConfig, fm, ex: Experts, x_tr, y_tr, sets: dict, n_classes: int, x_syn, t_syn,
+                        lr: float, key) -> tuple[dict[str, eval_lib.Result], list[float], dict]:
+    """Trains and scores every setting of the report: the experts (as trained), the full-data
+    reference, the distilled set from the experts' and from random initialisations, and every
+    other small set of :func:`small_sets` from the experts' initialisations. Returns ``(results,
+    lr candidates, small sets)``."""
+    results: dict[str, eval_lib.Result] = {}
     # Full data: the experts are models trained on the whole training split.
     uar, wa, cm = eval_lib.score(fm, jnp.asarray(ex.params[:, -1], jnp.float32), sets, n_classes)
     results["full_data"] = eval_lib.Result("full_data", uar, wa, cm, ex.meta["train_seconds_per_expert"],
                                            int(x_tr.shape[0]), {"epochs": ex.n_epochs, "seeds": "experts"})
     results["full_data_reference"] = train_reference(cfg, fm, x_tr, y_tr, ex.inits[:cfg.eval_seeds],
                                                      jax.random.fold_in(key, 4), sets, n_classes)
-    # Every small set (distilled, random, herding) chooses its lr on validation from the same candidates.
+    # Every small set (distilled, random, herding, ...) chooses its lr on validation from the same candidates.
     cands = lr_candidates(cfg, lr)
-
-    def small(name, x, targets, inits, k):
-        return eval_lib.choose_lr(lambda l: train_small(cfg, fm, x, targets, l, inits, k, sets, n_classes, name),
-                                  cands)
-
-    results["distilled_fixed_init"] = small("distilled_fixed_init", x_syn, t_syn, ex.inits, key)
+    pools, info = small_sets(cfg, fm, ex, x_tr, y_tr, n_classes, x_syn, t_syn)
     random_inits = fm.init_many(jax.random.split(jax.random.fold_in(key, 1), cfg.eval_seeds))
-    results["distilled_random_init"] = small("distilled_random_init", x_syn, t_syn, random_inits,
-                                             jax.random.fold_in(key, 2))
-    # Random real subsets of the same size (one per seed), trained from the experts' inits.
-    rng = np.random.default_rng(cfg.seed + 13)
-    subsets = [eval_lib.random_subset(y_tr, ipc, n_classes, rng) for _ in range(cfg.eval_seeds)]
-    def subsets_at(lr_):
-        return eval_lib.merge_seeds("random_subset_fixed_init", [
-            train_small(cfg, fm, x_tr[idx], train.one_hot(y_tr[idx], n_classes), lr_, ex.inits[[s % ex.inits.shape[0]]],
-                        jax.random.fold_in(key, 100 + s), sets, n_classes, "random_subset")
-            for s, idx in enumerate(subsets)], n_syn)
+    results["distilled_fixed_init"] = _train_set(cfg, fm, "distilled_fixed_init", pools["distilled"], ex.inits, key,
+                                                 sets, n_classes, cands)
+    results["distilled_random_init"] = _train_set(cfg, fm, "distilled_random_init", pools["distilled"], random_inits,
+                                                  jax.random.fold_in(key, 2), sets, n_classes, cands)
+    for k, (name, pairs) in enumerate((n, p) for n, p in pools.items() if n != "distilled"):
+        setting = f"{name}_fixed_init"
+        results[setting] = _train_set(cfg, fm, setting, pairs, ex.inits, jax.random.fold_in(key, 3 + k), sets,
+                                      n_classes, cands)
+    if "dm" in info:
+        results["dm_fixed_init"] = dataclasses.replace(results["dm_fixed_init"],
+                                                       extra={**results["dm_fixed_init"].extra, "dm": info["dm"]})
+    return results, cands, pools
 
-    results["random_subset_fixed_init"] = eval_lib.choose_lr(subsets_at, cands)
-    # Herding coreset of the same size (deterministic), from the experts' inits.
-    idx = eval_lib.herding_subset(x_tr, y_tr, ipc, n_classes)
-    results["herding_subset_fixed_init"] = small("herding_subset_fixed_init", x_tr[idx],
-                                                 train.one_hot(y_tr[idx], n_classes), ex.inits, jax.random.fold_in(key, 3))
-    if "kcenter" in cfg.baselines:
-        # greedy k-center in the feature space of a trained expert (expert 0 after its last epoch)
-        feats = eval_lib.embeddings(fm, ex.params[0, -1], x_tr)
-        idx = eval_lib.k_center_subset(feats, y_tr, ipc, n_classes)
-        results["kcenter_subset_fixed_init"] = small("kcenter_subset_fixed_init", x_tr[idx],
-                                                     train.one_hot(y_tr[idx], n_classes), ex.inits,
-                                                     jax.random.fold_in(key, 5))
-    if "dm" in cfg.baselines:
-        from sersynth import dm as dm_lib
 
-        dmc = dataclasses.replace(cfg.dm, ipc=ipc, init=cfg.distill.init, init_mix=cfg.distill.init_mix,
-                                  augment=cfg.distill.augment)
-        x_dm, lab_dm, info = dm_lib.distill(fm, dmc, x_tr, y_tr, n_classes, cfg.seed)
-        r = small("dm_fixed_init", x_dm, train.one_hot(lab_dm, n_classes), ex.inits, jax.random.fold_in(key, 6))
-        results["dm_fixed_init"] = dataclasses.replace(r, extra={**r.extra, "dm": info})
-    return results, cands
+def train_other_model(cfg: RunConfig, fm_other, x_tr, y_tr, sets: dict, n_classes: int, pools: dict,
+                      cands: list[float], key) -> dict[str, eval_lib.Result]:
+    """Cross-architecture evaluation: a model family other than the one that guided the distillation,
+    trained from its own random initialisations on every small set of :func:`small_sets` (the same
+    sets, the same lr candidates) and on the full training split (its reference)."""
+    inits = fm_other.init_many(jax.random.split(jax.random.fold_in(key, 7), cfg.eval_seeds))
+    out = {"full_data_reference": train_reference(cfg, fm_other, x_tr, y_tr, inits, jax.random.fold_in(key, 8), sets,
+                                                  n_classes)}
+    for k, (name, pairs) in enumerate(pools.items()):
+        setting = f"{name}_random_init"
+        out[setting] = _train_set(cfg, fm_other, setting, pairs, inits, jax.random.fold_in(key, 9 + k), sets,
+                                  n_classes, cands)
+    return out

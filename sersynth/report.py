@@ -225,7 +225,10 @@ _SETTINGS = {"full_data": "full training split (the experts)",
              "distilled_random_init": "distilled, random init", "random_subset_fixed_init": "random real subset",
              "herding_subset_fixed_init": "herding coreset",
              "kcenter_subset_fixed_init": "k-center coreset (expert features)",
-             "dm_fixed_init": "distribution matching (DM), same size"}
+             "dm_fixed_init": "distribution matching (DM), same size",
+             "random_subset_random_init": "random real subset", "herding_subset_random_init": "herding coreset",
+             "kcenter_subset_random_init": "k-center coreset (guide's expert features)",
+             "dm_random_init": "distribution matching (DM), same size"}
 
 
 def markdown(report: dict, config: dict) -> str:
@@ -248,6 +251,12 @@ def markdown(report: dict, config: dict) -> str:
         lines.append(f"| {_SETTINGS.get(name, name)} | {r['n_train']} | {r['val_uar_mean'] * 100:.1f} ± "
                      f"{r['val_uar_std'] * 100:.1f} | {r['test_uar_mean'] * 100:.1f} ± {r['test_uar_std'] * 100:.1f}"
                      f" | {r['test_wa_mean'] * 100:.1f} ± {r['test_wa_std'] * 100:.1f} |")
+    for name, other in report.get("other_models", {}).items():
+        lines += ["", f"Trained on the same sets: `{name}` ({other['n_params']:,} parameters, from random "
+                  "initialisations)", "", "| training set | n | val UAR (%) | test UAR (%) |", "|---|---:|---:|---:|"]
+        lines += [f"| {_SETTINGS.get(k, k)} | {r['n_train']} | {r['val_uar_mean'] * 100:.1f} ± "
+                  f"{r['val_uar_std'] * 100:.1f} | {r['test_uar_mean'] * 100:.1f} ± {r['test_uar_std'] * 100:.1f} |"
+                  for k, r in other["results"].items()]
     lines += ["", "Mean ± std over seeds (and folds). Model selection used the validation split only.", "",
               f"- Distilled / full-data test UAR: **{s['uar_ratio_random']:.3f}** training a new model from random "
               f"initialisations, {s['uar_ratio_fixed']:.3f} from the distillation's fixed initialisations.",

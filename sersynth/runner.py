@@ -34,6 +34,8 @@ flags.DEFINE_string("corpus_dir", "", "corpus folder ('' with --corpus=embedded:
                     "several corpora: comma-separated, in --corpus order")
 flags.DEFINE_integer("fold", -1, "fold protocols (loso, loso_session): run this fold only (-1: every fold, then aggregate)")
 flags.DEFINE_string("cache_dir", "", "feature cache folder ('' -> <workdir>/cache)")
+flags.DEFINE_string("experts_dir", "", "expert trajectories folder ('' -> <workdir>/experts); runs that share it "
+                    "reuse one set of experts")
 flags.DEFINE_integer("embedded_speakers", 30, "embedded corpus: speakers (the paper's DEMoS: 68)")
 flags.DEFINE_integer("embedded_utterances", 10, "embedded corpus: utterances per speaker and emotion")
 # --- model -------------------------------------------------------------------------------------
@@ -123,6 +125,8 @@ flags.DEFINE_integer("render_per_class", 2, "Griffin-Lim WAV renders per class")
 flags.DEFINE_list("baselines", [], "compared beyond the random subset and herding (always run): kcenter (greedy "
                   "k-center coreset in a trained expert's feature space), dm (distribution matching, Zhao & Bilen "
                   "2023, a second distillation method at the same size)")
+flags.DEFINE_list("eval_models", [], "also train these model families (convnet, cnn6, vgg15, resnet9) on every "
+                  "small set and on the full data, from random initialisations (cross-architecture evaluation)")
 flags.DEFINE_integer("dm_iterations", 500, "--baselines=dm: outer steps (one random network each)")
 flags.DEFINE_float("dm_lr_img", 1.0, "--baselines=dm: SGD step on the spectrograms (momentum 0.5)")
 flags.DEFINE_integer("dm_batch_real", 64, "--baselines=dm: real clips per class per step")
@@ -188,6 +192,7 @@ def config_from_flags() -> pipeline.RunConfig:
         eval_seeds=F.eval_seeds, eval_epochs=F.eval_epochs, eval_lr_grid=lr_grid, eval_optimizer=F.eval_optimizer,
         eval_batch_size=F.eval_batch_size, eval_select_every=F.eval_select_every, eval_patience=F.eval_patience, tune=tune, reference_epochs=F.reference_epochs,
         render_per_class=F.render_per_class, privacy_audit=F.privacy_audit, baselines=tuple(F.baselines),
+        eval_models=tuple(F.eval_models), experts_dir=F.experts_dir,
         dm=dm_lib.DMConfig(iterations=F.dm_iterations, lr_img=F.dm_lr_img, batch_real=F.dm_batch_real))
 
 

@@ -171,6 +171,7 @@ def test_every_flag_file_parses_and_validates():
 import dataclasses, glob, sys
 from absl import flags
 import sersynth.runner as run
+import sersynth.table  # noqa: F401 - its flags too: table_*.flags are runner flag files plus the table's span
 for path in sorted(glob.glob('experiments/flags/*.flags')):
     flags.FLAGS.unparse_flags()
     flags.FLAGS(['run', '--flagfile=' + path])

@@ -1,0 +1,85 @@
+"""``sersynth table``: a slice of table_cpu.flags through the installed command, killed in its
+second cell and run again: the first cell is reused, the experts are trained once per guide, and
+table.csv / table.md / the plots hold every (guide, trained model, ipc, method)."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SERSYNTH = Path(sys.executable).parent / "sersynth"
+SLICE = ["--flagfile=experiments/flags/table_cpu.flags", "--guide_models=cnn6,vgg15", "--eval_models=cnn6,vgg15",
+         "--ipcs=1,2", "--embedded_speakers=6", "--embedded_utterances=3", "--clip_seconds=0.5", "--n_mels=16",
+         "--expert_train_epochs=3", "--expert_min_steps_per_epoch=0", "--max_start_epoch=1", "--expert_epochs=1",
+         "--syn_steps=3", "--iterations=4", "--eval_every=2", "--checkpoint_every=2", "--eval_epochs=4",
+         "--eval_select_every=2", "--reference_epochs=3", "--dm_iterations=3", "--noprivacy_audit", "--noprogress"]
+
+
+def _table(*args, log=None):
+    """The installed command; its output to the open file ``log`` (a pipe nobody reads would block
+    it), else piped."""
+    return subprocess.Popen([str(SERSYNTH), "table", *SLICE, *args], cwd=ROOT,
+                            stdout=subprocess.PIPE if log is None else log,
+                            stderr=subprocess.PIPE if log is None else subprocess.STDOUT, text=True,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def test_table_slice_resumes_and_writes_every_row(tmp_path):
+    w = tmp_path / "table"
+    with open(tmp_path / "first.log", "w") as log:
+        proc = _table(f"--workdir={w}", log=log)
+        t0 = time.time()
+        while not (w / "cnn6_ipc2" / "config.json").is_file():        # killed once the second cell has started
+            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.time() - t0 < 900
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    first = (w / "cnn6_ipc1" / "report.json").read_bytes()
+    assert not (w / "table.csv").exists()
+    proc = _table(f"--workdir={w}")
+    out, err = proc.communicate(timeout=1800)
+    assert proc.returncode == 0, err[-3000:]
+    assert "cell cnn6 ipc 1: finished already" in err
+    assert (w / "cnn6_ipc1" / "report.json").read_bytes() == first          # reused, not redone
+    assert sorted(p.name for p in w.iterdir() if p.name.startswith("experts_")) == ["experts_cnn6", "experts_vgg15"]
+    assert not (w / "cnn6_ipc1" / "experts").exists()                       # one set of experts per guide
+    with open(w / "table.csv") as f:
+        rows = list(csv.DictReader(f))
+    # per guide and ipc: 7 methods on the guide (distilled from fixed and random inits), 6 on the other model
+    assert len(rows) == 2 * 2 * (7 + 6)
+    keys = {(r["guide_model"], r["eval_model"], r["ipc"], r["method"]) for r in rows}
+    assert ("vgg15", "cnn6", "2", "dm") in keys and ("cnn6", "cnn6", "1", "distilled_fixed_init") in keys
+    assert ("cnn6", "vgg15", "1", "distilled_fixed_init") not in keys
+    for r in rows:
+        assert 0 <= float(r["test_uar_mean"]) <= 1 and r["seeds"] == "2" and Path(r["run_dir"]).is_dir()
+        assert float(r["fraction_of_train"]) > 0
+    report = json.loads((w / "vgg15_ipc2" / "report.json").read_text())
+    assert set(report["other_models"]) == {"cnn6"}
+    r = next(r for r in rows if (r["guide_model"], r["eval_model"], r["ipc"], r["method"]) == ("vgg15", "cnn6", "2", "herding"))
+    assert float(r["test_uar_mean"]) == pytest.approx(
+        report["other_models"]["cnn6"]["results"]["herding_subset_random_init"]["test_uar_mean"], abs=1e-6)
+    md = (w / "table.md").read_text()
+    assert "## Cross-architecture, ipc 2" in md and "| guide \\ trained | cnn6 | vgg15 |" in md
+    assert "88.8 / 88.3" in md                                                   # the paper's full data
+    assert md.strip() in out
+    for name in ("uar_vs_ipc.png", "cross_arch.png"):
+        assert (w / "plots" / name).stat().st_size > 0
+
+
+def test_table_refuses_bad_spans(tmp_path):
+    proc = _table(f"--workdir={tmp_path / 'w'}", "--ipcs=0")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and err.strip().splitlines()[-1].startswith("error: --guide_models and --ipcs")
+    proc = _table(f"--workdir={tmp_path / 'w'}", "--eval_models=cnn7")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and "error: --eval_models: unknown cnn7" in err.strip().splitlines()[-1]
+    assert not (tmp_path / "w").exists()
