@@ -285,10 +285,10 @@ def markdown(report: dict, config: dict) -> str:
         lines += ["", "## Figures", ""] + [f"![{Path(p).stem}]({p})" for p in arts["plots"]]
     if arts.get("audio"):
         lines += ["", "## Listen", ""] + [f"- [{Path(a).stem}]({a})" for a in arts["audio"]]
-    lines += ["", "## Reproduce", "", "`sersynth run --flagfile=command.flags` (run from the folder it was started "
-              "in) re-runs this run: `command.flags` holds every flag of the run, `config.json` every resolved "
-              "setting; a finished run is reused, an interrupted one resumes, and a run with other settings is "
-              "refused in this folder.", "", "## Cite", "",
+    lines += ["", "## Reproduce", "", "`command.flags` in this folder holds every flag of the run (`config.json` "
+              "every resolved setting): `sersynth run --flagfile=command.flags --workdir=NEW`, from the folder the "
+              "run was started in (its paths are as typed), re-runs it in NEW. Here, the same command resumes an "
+              "interrupted run; a finished one is refused unless `--overwrite`.", "", "## Cite", "",
               "Method: Cazenavette et al., *Dataset Distillation by Matching Training Trajectories*, CVPR 2022; "
               "for speech emotion: Chang et al., *Breaking Resource Barriers in Speech Emotion Recognition via "
               "Data Distillation*, Interspeech 2025 (arXiv 2406.15119). Software: sersynth "
