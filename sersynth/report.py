@@ -106,7 +106,7 @@ def render_audio(x: np.ndarray, labels: np.ndarray, classes: list[str], mel_mean
         import librosa
         import soundfile as sf
     except ImportError:
-        logging.warning("librosa/soundfile not installed: no audio renders (install sersynth with its audio extras)")
+        logging.warning("librosa/soundfile not installed: no audio renders (pip install librosa soundfile to get them)")
         return []
     out = []
     sr = features["sample_rate"]
