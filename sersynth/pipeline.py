@@ -96,7 +96,8 @@ class RunConfig:
         w = Path(self.workdir)
         return {"corpus": Path(self.corpus_dir) if self.corpus_dir else w / "corpus",
                 "cache": Path(self.cache_dir) if self.cache_dir else w / "cache",
-                "experts": Path(self.experts_dir) if self.experts_dir else w / "experts", "distill": w / "distill", "report": w / "report.json",
+                "experts": Path(self.experts_dir) if self.experts_dir else w / "experts",
+                "distill": w / "distill", "report": w / "report.json",
                 "metrics": w / "metrics.jsonl", "plots": w / "plots", "audio": w / "audio", "config": w / "config.json"}
 
     def to_json(self) -> dict:
@@ -340,18 +341,15 @@ def stage_distill(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Expe
     targets = dist.to_host(distill_lib.targets_of(chosen.params, chosen.labels, fs.n_classes))
     out = {"x": dist.to_host(chosen.params["x"]), "labels": dist.to_host(chosen.labels), "targets": targets,
            "lr": np.asarray(distill_lib.inner_lr(chosen.params))}
+    # what the set came from: in distilled.npz (which stands alone) and in meta.json alike
+    made_from = {"model": fm.spec.to_json(), "cache_hash": fs.hash, "experts": ex.meta["fingerprint"],
+                 "distill": dataclasses.asdict(dcfg), "selected_iteration": selected, "classes": fs.classes}
     artifact.save_set(dist_dir / "distilled.npz", artifact.DistilledSet(
         out["x"], out["labels"], targets, float(out["lr"]), fs.mel_mean, fs.mel_std,
-        {"classes": fs.classes, "corpus": fs.manifest.get("corpus"), "cache_hash": fs.hash,
-         "fold": fs.manifest.get("fold") if fs.n_folds > 1 else None,
-         "features": artifact.feature_settings(fs.manifest), "model": fm.spec.to_json(),
-         "train": dataclasses.asdict(protocol.eval_config(cfg)), "eval_optimizer": cfg.eval_optimizer,
-         "lr_for_training": protocol.syn_lr(cfg, float(out["lr"])),
-         "distill": dataclasses.asdict(dcfg), "selected_iteration": selected, "experts": ex.meta["fingerprint"]}))
-    meta = {"model": fm.spec.to_json(), "cache_hash": fs.hash, "experts": ex.meta["fingerprint"],
-            "distill": dataclasses.asdict(dcfg), "selected_iteration": int(selected),
-            "evaluations": evaluations, "seconds": seconds, "classes": fs.classes,
-            "lr_floor_iterations": int(final.n_lr_floor)}
+        {**made_from, "corpus": fs.manifest.get("corpus"), "fold": fs.manifest.get("fold") if fs.n_folds > 1 else None,
+         "features": artifact.feature_settings(fs.manifest), "train": dataclasses.asdict(protocol.eval_config(cfg)),
+         "eval_optimizer": cfg.eval_optimizer, "lr_for_training": protocol.syn_lr(cfg, float(out["lr"]))}))
+    meta = {**made_from, "evaluations": evaluations, "seconds": seconds, "lr_floor_iterations": int(final.n_lr_floor)}
     if tuned is not None:
         meta["tune"] = tuned
     atomic_write_json(dist_dir / "meta.json", meta)

@@ -109,16 +109,21 @@ def small_sets(cfg: RunConfig, fm, ex: Experts, x_tr, y_tr, n_classes: int, x_sy
     return out, info
 
 
-def _train_set(cfg, fm, name, pairs, inits, key, sets, n_classes, cands) -> eval_lib.Result:
-    """One setting, choosing its lr on validation: every seed on the one set, or seed s on set s."""
-    if len(pairs) == 1:
+PER_SEED = ("random_subset",)    # small sets drawn anew for every seed (seed s trains on set s from init s)
+
+
+def _train_set(cfg, fm, name, pairs, inits, key, sets, n_classes, cands, per_seed: bool) -> eval_lib.Result:
+    """One setting, choosing its lr on validation: every init on the one set, or (``per_seed``)
+    seed s on set s from init s."""
+    if not per_seed:
         x, t = pairs[0]
         return eval_lib.choose_lr(lambda l: train_small(cfg, fm, x, t, l, inits, key, sets, n_classes, name), cands)
 
     def at(lr_):
         return eval_lib.merge_seeds(name, [
-            train_small(cfg, fm, x, t, lr_, inits[s % len(inits):s % len(inits) + 1], jax.random.fold_in(key, 100 + s), sets,
-                        n_classes, name) for s, (x, t) in enumerate(pairs)], int(pairs[0][0].shape[0]))
+            train_small(cfg, fm, x, t, lr_, inits[s % len(inits):s % len(inits) + 1],
+                        jax.random.fold_in(key, 100 + s), sets, n_classes, name)
+            for s, (x, t) in enumerate(pairs)], int(pairs[0][0].shape[0]))
 
     return eval_lib.choose_lr(at, cands)
 
@@ -141,13 +146,13 @@ def train_every_setting(cfg: RunConfig, fm, ex: Experts, x_tr, y_tr, sets: dict,
     pools, info = small_sets(cfg, fm, ex, x_tr, y_tr, n_classes, x_syn, t_syn)
     random_inits = fm.init_many(jax.random.split(jax.random.fold_in(key, 1), cfg.eval_seeds))
     results["distilled_fixed_init"] = _train_set(cfg, fm, "distilled_fixed_init", pools["distilled"], ex.inits, key,
-                                                 sets, n_classes, cands)
+                                                 sets, n_classes, cands, False)
     results["distilled_random_init"] = _train_set(cfg, fm, "distilled_random_init", pools["distilled"], random_inits,
-                                                  jax.random.fold_in(key, 2), sets, n_classes, cands)
+                                                  jax.random.fold_in(key, 2), sets, n_classes, cands, False)
     for k, (name, pairs) in enumerate((n, p) for n, p in pools.items() if n != "distilled"):
         setting = f"{name}_fixed_init"
         results[setting] = _train_set(cfg, fm, setting, pairs, ex.inits, jax.random.fold_in(key, 3 + k), sets,
-                                      n_classes, cands)
+                                      n_classes, cands, name in PER_SEED)
     if "dm" in info:
         results["dm_fixed_init"] = dataclasses.replace(results["dm_fixed_init"],
                                                        extra={**results["dm_fixed_init"].extra, "dm": info["dm"]})
@@ -165,5 +170,5 @@ def train_other_model(cfg: RunConfig, fm_other, x_tr, y_tr, sets: dict, n_classe
     for k, (name, pairs) in enumerate(pools.items()):
         setting = f"{name}_random_init"
         out[setting] = _train_set(cfg, fm_other, setting, pairs, inits, jax.random.fold_in(key, 9 + k), sets,
-                                  n_classes, cands)
+                                  n_classes, cands, name in PER_SEED)
     return out

@@ -75,8 +75,7 @@ def export(src: str, fmt: str, out: str) -> Path:
         buf = _io.BytesIO()
         np.save(buf, arr, allow_pickle=False)
         atomic_write_bytes(out_path / f"{name}.npy", buf.getvalue())
-    atomic_write_json(out_path / "meta.json", {**ds.meta, "lr": ds.lr, "format": artifact.SET_FORMAT,
-                                               "sersynth_version": artifact.version()})
+    atomic_write_json(out_path / "meta.json", {**ds.meta, "lr": ds.lr})     # the set's own format and version
     return out_path
 
 

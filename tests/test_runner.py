@@ -213,3 +213,23 @@ def test_eval_optimizer_choices():
         pipeline.RunConfig(eval_patience=2, **base).validate()
     with pytest.raises(pipeline.RunError, match="--eval_optimizer must be"):
         pipeline.RunConfig(eval_optimizer="lbfgs", **base).validate()
+
+
+def test_per_seed_sets_train_one_model_each_whatever_their_number():
+    """A random subset is drawn anew per seed: seed s trains on subset s from init s, also with one
+    seed; a shared set (distilled, herding) trains every init on it."""
+    import jax
+
+    from sersynth.models import ModelSpec, flat_model
+
+    rng = np.random.default_rng(0)
+    fm = flat_model(ModelSpec(name="convnet", n_classes=3, input_shape=(8, 6), width=4, depth=1, norm="none"))
+    cfg = pipeline.RunConfig(workdir="w", eval_epochs=2, eval_lr_grid=(1.0,),
+                             expert_train=pipeline.train.TrainConfig(lr=0.01, batch_size=8))
+    x, y = rng.normal(size=(9, 8, 6)).astype(np.float32), np.arange(9) % 3
+    pair = (x, pipeline.train.one_hot(y, 3))
+    sets = {"val": (x, y), "test": (x, y)}
+    inits = fm.init_many(jax.random.split(jax.random.key(0), 3))
+    for per_seed, pairs, seeds in ((True, [pair], 1), (True, [pair, pair], 2), (False, [pair], 3)):
+        r = protocol._train_set(cfg, fm, "s", pairs, inits, jax.random.key(1), sets, 3, [0.01], per_seed)
+        assert len(r.uar["test"]) == seeds, (per_seed, len(pairs))
