@@ -5,7 +5,8 @@
     sersynth table --flagfile=FLAGS --workdir=W                  the paper's tables: guides x ipc x models
     sersynth export --distilled=W/distill/distilled.npz --out=F  the distilled set, standing alone
     sersynth train --distilled=W/distill/distilled.npz --out=M   a model trained on the distilled set only
-    sersynth predict --model=M a.wav b.wav                       emotion of each recording
+    sersynth export-model --model=M --out=M.onnx [--int8]        an edge model (ONNX, optionally int8)
+    sersynth predict --model=M a.wav b.wav                       emotion of each recording (M: .npz or .onnx)
 
 ``sersynth COMMAND --help`` lists the flags a user needs first; ``--helpfull`` every flag.
 """
@@ -20,13 +21,14 @@ COMMANDS = {
     "table": ("sersynth.table", "guiding models x ipc x evaluation models, every method: table.csv, table.md, plots"),
     "export": ("sersynth.use", "write a run's distilled set as a self-describing .npz or a folder of .npy"),
     "train": ("sersynth.use", "train a model on a distilled set alone (no recordings, no cache)"),
-    "predict": ("sersynth.use", "predict the emotion of recordings with a trained model"),
+    "export-model": ("sersynth.use", "write a trained model as an ONNX edge model (float32 or int8)"),
+    "predict": ("sersynth.use", "predict the emotion of recordings with a trained or edge model"),
 }
 
 
 def usage() -> str:
     lines = [__doc__.strip().splitlines()[0], "", "usage: sersynth COMMAND [--flags]", "", "commands:"]
-    lines += [f"  {name:<9} {text}" for name, (_, text) in COMMANDS.items()]
+    lines += [f"  {name:<12} {text}" for name, (_, text) in COMMANDS.items()]
     lines += ["", "sersynth COMMAND --help: the main flags; --helpfull: all of them"]
     return "\n".join(lines)
 

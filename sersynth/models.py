@@ -66,7 +66,7 @@ def _ch(c: int, mult: float) -> int:
 
 
 def _max_pool(x, k=2, s=2):
-    return nn.max_pool(x, (k, k), strides=(s, s), padding="SAME")
+    return nn.max_pool(x, window_shape=(k, k), strides=(s, s), padding="SAME")
 
 
 class ConvNet(nn.Module):
@@ -83,7 +83,7 @@ class ConvNet(nn.Module):
         for _ in range(self.depth):
             x = nn.Conv(self.width, (self.kernel, self.kernel), padding="SAME", dtype=self.dtype)(x)
             x = nn.relu(_norm(self.norm, self.dtype)(x))
-            x = nn.avg_pool(x, (2, 2), strides=(2, 2), padding="SAME")
+            x = nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2), padding="SAME")
         x = x.reshape(x.shape[0], -1)
         self.sow("intermediates", "embedding", x)
         return nn.Dense(self.n_classes, dtype=self.dtype)(x).astype(jnp.float32)

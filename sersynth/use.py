@@ -2,13 +2,15 @@
 
     sersynth export  --distilled=W/distill/distilled.npz --format=npy --out=DIR
     sersynth train   --distilled=W/distill/distilled.npz --model=cnn6 --out=model.npz
-    sersynth predict --model=model.npz a.wav b.wav [--list=files.csv] [--out=preds.csv|preds.json]
+    sersynth export-model --model=model.npz --out=model.onnx [--int8]
+    sersynth predict --model=model.npz|model.onnx a.wav b.wav [--list=files.csv] [--out=preds.csv|preds.json]
 
 ``train`` reads the distilled set alone (no recordings, no cache) and trains with the protocol of its
 run (optimiser, epochs, batch, augmentation; at the learned lr). ``predict`` extracts each file's
 features exactly as the cache did (:func:`sersynth.data.features.clip_features`) and normalises them
 with the statistics stored in the model file. A file that cannot be used gets one ``error:`` line and
-the others still get their prediction; the exit status is then 1.
+the others still get their prediction; the exit status is then 1. An ``.onnx`` model (from
+``export-model``, :mod:`sersynth.edge`) is run by onnxruntime alone: predict then never imports JAX.
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ from sersynth import artifact
 F = flags.FLAGS
 KEY_FLAGS = {"export": ("distilled", "format", "out"),
              "train": ("distilled", "model", "out", "epochs", "lr", "seed", "cache"),
-             "predict": ("model", "list", "out", "batch")}
+             "predict": ("model", "list", "out", "batch"),
+             "export-model": ("model", "out", "int8", "distilled", "cache")}
 
 
 class UseError(ValueError):
@@ -53,11 +56,21 @@ def define_flags(command: str) -> None:
                             "model's validation / test UAR (training never reads it)")
         flags.DEFINE_string("out", None, "model file to write (.npz)")
     if command == "predict":
-        flags.DEFINE_string("model", None, "a model file written by sersynth train")
+        flags.DEFINE_string("model", None, "a model file written by sersynth train (.npz), or its edge model "
+                            "written by sersynth export-model (.onnx, run with onnxruntime, no JAX)")
         flags.DEFINE_string("list", "", "CSV file listing recordings (a 'path' column, else the first column); "
                             "relative paths are read from the CSV's folder")
         flags.DEFINE_string("out", "", "also write the predictions to this .csv or .json")
         flags.DEFINE_integer("batch", 64, "clips per forward pass")
+    if command == "export-model":
+        flags.DEFINE_string("model", None, "a model file written by sersynth train (.npz)")
+        flags.DEFINE_enum("format", "onnx", ["onnx"], "edge format")
+        flags.DEFINE_string("out", None, "the edge model to write (.onnx)")
+        flags.DEFINE_bool("int8", False, "int8 post-training quantisation, calibrated on the distilled set only")
+        flags.DEFINE_string("distilled", "", "calibration set for --int8 ('' = the distilled set the model was "
+                            "trained on, as its file records)")
+        flags.DEFINE_string("cache", "", "optional: a feature cache made with the same features, to print the "
+                            "edge model's test UAR and how often its labels agree with the JAX model's")
 
 
 # --- export --------------------------------------------------------------------------------------
@@ -122,17 +135,23 @@ def train_model(ds: artifact.DistilledSet, spec, *, epochs: int = 0, lr: float =
     return artifact.TrainedModel(np.asarray(params[0], np.float32), ds.mel_mean, ds.mel_std, meta), info
 
 
+def _cache_for(m: artifact.TrainedModel, cache_dir: str):
+    from sersynth.data import cache as cache_lib
+
+    fs = cache_lib.load(cache_dir)
+    if list(fs.classes) != m.classes or fs.x.shape[1:] != (m.meta["features"]["frames"], m.meta["features"]["n_mels"]):
+        raise UseError(f"--cache {cache_dir}: its classes or features differ from the model's")
+    return fs
+
+
 def score_on_cache(m: artifact.TrainedModel, cache_dir: str) -> dict:
     """Validation / test UAR of a trained model on a feature cache made with the same features."""
     import jax.numpy as jnp
 
     from sersynth import evaluate
-    from sersynth.data import cache as cache_lib
     from sersynth.models import ModelSpec, flat_model
 
-    fs = cache_lib.load(cache_dir)
-    if list(fs.classes) != m.classes or fs.x.shape[1:] != (m.meta["features"]["frames"], m.meta["features"]["n_mels"]):
-        raise UseError(f"--cache {cache_dir}: its classes or features differ from the model's")
+    fs = _cache_for(m, cache_dir)
     # the cache's rows are normalised with its own training statistics; re-normalise with the model's
     fs = dataclasses.replace(fs, x=((fs.x * fs.mel_std + fs.mel_mean) - m.mel_mean) / m.mel_std)
     sets = {s: fs.subset(s) for s in ("val", "test") if fs.subset(s)[0].shape[0]}
@@ -156,11 +175,11 @@ def read_list(path: str) -> list[str]:
     return [str(Path(r[col]) if Path(r[col]).is_absolute() else p.parent / r[col]) for r in body]
 
 
-def features_of(m: artifact.TrainedModel, paths: list[str]) -> tuple[np.ndarray, list[str], dict[str, str]]:
-    """Normalised features of every usable file, the files they belong to, and why the others failed."""
+def features_of(f: dict, paths: list[str]) -> tuple[np.ndarray, list[str], dict[str, str]]:
+    """dB log-Mel features (settings ``f``: a model's ``meta["features"]``) of every usable file, the
+    files they belong to, and why the others failed."""
     from sersynth.data import features
 
-    f = m.meta["features"]
     cfg = features.FeatureConfig(**{k: f[k] for k in ("sample_rate", "n_fft", "hop_length", "n_mels", "fmin",
                                                         "fmax", "clip_seconds")})
     rows, ok, failed = [], [], {}
@@ -172,14 +191,14 @@ def features_of(m: artifact.TrainedModel, paths: list[str]) -> tuple[np.ndarray,
         if x is None:
             failed[path] = reason
             continue
-        rows.append((x - m.mel_mean) / m.mel_std)
+        rows.append(x)
         ok.append(path)
     x = np.stack(rows).astype(np.float32) if rows else np.zeros((0, f["frames"], f["n_mels"]), np.float32)
     return x, ok, failed
 
 
-def predict_probs(m: artifact.TrainedModel, x: np.ndarray, batch: int = 64) -> np.ndarray:
-    """``[N, C]`` class probabilities of normalised features ``x``."""
+def predict_probs(m: artifact.TrainedModel, x_db: np.ndarray, batch: int = 64) -> np.ndarray:
+    """``[N, C]`` class probabilities of dB features ``x_db`` (normalised here with the model's statistics)."""
     import jax
     import jax.numpy as jnp
 
@@ -188,6 +207,7 @@ def predict_probs(m: artifact.TrainedModel, x: np.ndarray, batch: int = 64) -> n
     fm = flat_model(ModelSpec.from_json(m.meta["model"]))
     fwd = jax.jit(lambda p, xb: jax.nn.softmax(fm.apply(p, xb).astype(jnp.float32), axis=-1))
     params = jnp.asarray(m.params)
+    x = (x_db - m.mel_mean) / m.mel_std
     out = [np.asarray(fwd(params, jnp.asarray(x[i:i + batch]))) for i in range(0, x.shape[0], max(1, batch))]
     return np.concatenate(out) if out else np.zeros((0, len(m.classes)), np.float32)
 
@@ -257,14 +277,27 @@ def main_train(argv) -> None:
           f"{info['final_loss']:.4f}; wrote {F.out}")
 
 
+def load_any_model(path: str):
+    """A model file to predict with: an edge model (``.onnx``, onnxruntime) or a trained one (``.npz``, JAX)."""
+    if path.endswith(".onnx"):
+        from sersynth import edge
+
+        return edge.load(path)
+    return artifact.load_model(path)
+
+
+def probs_of(m, x_db: np.ndarray, batch: int = 64) -> np.ndarray:
+    return m.probs(x_db, batch) if hasattr(m, "probs") else predict_probs(m, x_db, batch)
+
+
 def main_predict(argv) -> None:
     _required("model")
-    m = artifact.load_model(F.model)
+    m = load_any_model(F.model)
     paths = list(argv[1:]) + (read_list(F.list) if F.list else [])
     if not paths:
         raise UseError("no recordings: name them after the flags, or --list=files.csv")
-    x, ok, failed = features_of(m, paths)
-    rows = prediction_rows(m.classes, ok, predict_probs(m, x, F.batch))
+    x, ok, failed = features_of(m.meta["features"], paths)
+    rows = prediction_rows(m.classes, ok, probs_of(m, x, F.batch))
     if rows:
         print(table(rows, m.classes))
     for path, reason in failed.items():
@@ -275,7 +308,58 @@ def main_predict(argv) -> None:
         sys.exit(1)
 
 
-MAINS = {"export": main_export, "train": main_train, "predict": main_predict}
+def cache_test_split(m: artifact.TrainedModel, cache_dir: str) -> tuple[np.ndarray, np.ndarray]:
+    """The test split of a feature cache as dB features (``[N, frames, n_mels]``) and labels, checked
+    against the model's classes and feature shape."""
+    fs = _cache_for(m, cache_dir)
+    x, y = fs.subset("test")
+    return (x * fs.mel_std + fs.mel_mean).astype(np.float32), np.asarray(y)
+
+
+def edge_agreement(m: artifact.TrainedModel, onnx_model, x_db: np.ndarray, y: np.ndarray) -> dict:
+    """Test UAR of the JAX model and of its edge model, and how often their labels agree."""
+    from sersynth.train import uar
+
+    n = len(m.classes)
+    ref = predict_probs(m, x_db).argmax(1)
+    got = onnx_model.probs(x_db).argmax(1)
+    return {"clips": int(y.size), "uar_jax": float(uar(y, ref, n)), "uar_onnx": float(uar(y, got, n)),
+            "label_agreement": float(np.mean(ref == got))}
+
+
+def main_export_model(argv) -> None:
+    if len(argv) > 1:
+        raise UseError(f"unexpected arguments: {' '.join(argv[1:])}")
+    _required("model", "out")
+    if not F.out.endswith(".onnx"):
+        raise UseError(f"--out {F.out}: an edge model is written as .onnx")
+    from sersynth import edge
+
+    m = artifact.load_model(F.model)
+    calib = None
+    if F.int8:
+        source = F.distilled or (m.meta.get("trained_on") or {}).get("distilled_set")
+        if not source:
+            raise UseError("--int8: the model does not record its distilled set; name one with --distilled=SET")
+        ds = artifact.load_set(source)
+        if ds.classes != m.classes or ds.x.shape[1:] != (m.meta["features"]["frames"], m.meta["features"]["n_mels"]):
+            raise UseError(f"--distilled {source}: its classes or features differ from the model's")
+        calib = ds.x * ds.mel_std + ds.mel_mean
+    t0 = time.perf_counter()
+    try:
+        out = edge.export(m, F.out, int8=F.int8, calib_x_db=calib)
+    except edge.EdgeError as e:
+        raise UseError(str(e)) from None
+    kind = f"int8 (calibrated on {calib.shape[0]} distilled samples)" if F.int8 else "float32"
+    print(f"wrote {out}: {kind}, {out.stat().st_size / 1024:.1f} KiB, in {time.perf_counter() - t0:.1f} s")
+    if F.cache:
+        x_db, y = cache_test_split(m, F.cache)
+        a = edge_agreement(m, edge.load(out), x_db, y)
+        print(f"test split ({a['clips']} clips): UAR {a['uar_jax']:.3f} (JAX) / {a['uar_onnx']:.3f} (ONNX); "
+              f"labels agree on {100 * a['label_agreement']:.1f}%")
+
+
+MAINS = {"export": main_export, "train": main_train, "predict": main_predict, "export-model": main_export_model}
 
 
 def cli(argv: list[str], command: str) -> None:
