@@ -91,7 +91,7 @@ def train_experts(fm: FlatModel, cfg: train.TrainConfig, x_train, y_train, n_cla
     params = np.concatenate(params)
     meta.update(fingerprint=tag, n_epochs=int(params.shape[1] - 1), n_params=int(params.shape[2]),
                 train_seconds_total=seconds, train_seconds_per_expert=seconds / n_experts,
-                trajectory_bytes=int(params.nbytes))
+                trajectory_bytes=int(params.nbytes), loss_curve=np.concatenate(losses).round(6).tolist())
     if eval_set is not None:
         x_eval, y_eval = eval_set
         meta["val_uar_curve"] = validation_curve(fm, params, x_eval, y_eval, n_classes)

@@ -9,10 +9,12 @@ prepared cache needs neither.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +54,7 @@ class RunConfig:
     seed: int = 0
     overwrite: bool = False
     progress: bool = True
+    tensorboard: bool = False             # also write metrics.jsonl's rows as TensorBoard events (<workdir>/tensorboard)
     # data
     corpus: str = "embedded"
     corpus_dir: str = ""                  # "" -> <workdir>/corpus (embedded corpus is generated there);
@@ -105,7 +108,7 @@ class RunConfig:
         one of them (a moved or differently spelled run directory is the same run), and folders
         given explicitly are recorded resolved."""
         d = dataclasses.asdict(self)
-        for volatile in ("stages", "overwrite", "progress", "fold", "workdir"):
+        for volatile in ("stages", "overwrite", "progress", "tensorboard", "fold", "workdir"):
             d.pop(volatile)
         for key in ("cache_dir", "corpus_dir", "experts_dir"):
             d[key] = ",".join(str(Path(p).resolve()) for p in d[key].split(",")) if d[key] else ""
@@ -115,6 +118,8 @@ class RunConfig:
         bad = [s for s in self.stages if s not in STAGES]
         if bad or not self.stages:
             raise RunError(f"--stage: unknown stage(s) {bad}; choose from all, {', '.join(STAGES)}")
+        if self.tensorboard and importlib.util.find_spec("tensorboardX") is None:
+            raise RunError("--tensorboard needs tensorboardX: pip install tensorboardX (or sersynth[dev])")
         try:
             self.expert_train.validate("expert_")
             self.distill.validate(self.expert_train.epochs)
@@ -217,11 +222,56 @@ def _stage_seconds(cfg: RunConfig, ex: experts_lib.Experts, distilled: dict, eva
     return out
 
 
-def _log_metrics(path: Path, row: dict) -> None:
+_TENSORBOARD: dict[str, Any] = {}       # one event writer per run directory, open for the process
+
+
+def _tensorboard(cfg: RunConfig):
+    folder = str(Path(cfg.workdir) / "tensorboard")
+    if folder not in _TENSORBOARD:
+        from tensorboardX import SummaryWriter
+
+        _TENSORBOARD[folder] = SummaryWriter(folder, flush_secs=10)
+    return _TENSORBOARD[folder]
+
+
+def close_tensorboard() -> None:
+    while _TENSORBOARD:
+        _TENSORBOARD.popitem()[1].close()
+
+
+def _log_metrics(cfg: RunConfig, row: dict) -> None:
+    """Appends ``row`` to metrics.jsonl (and, with ``--tensorboard``, its numbers as scalars tagged
+    ``stage/name``, at step ``iteration`` or ``epoch``; an expert's under ``experts/name/expert_i``)."""
     if not dist.is_writer():
         return
-    with open(path, "a") as f:
+    with open(cfg.paths["metrics"], "a") as f:
         f.write(json.dumps({"time": round(time.time(), 3), **row}) + "\n")
+    if cfg.tensorboard:
+        writer = _tensorboard(cfg)
+        step = int(row.get("iteration", row.get("epoch", 0)))
+        suffix = f"/expert_{row['expert']}" if row.get("stage") == "experts" else ""
+        for key, value in row.items():
+            if key not in ("stage", "iteration", "epoch", "expert") and isinstance(value, (int, float)):
+                writer.add_scalar(f"{row.get('stage', 'run')}/{key}{suffix}", float(value), step)
+
+
+def log_expert_curves(cfg: RunConfig, ex: experts_lib.Experts) -> None:
+    """The experts' training curves into metrics.jsonl: per expert and epoch, the mean training
+    loss of that epoch and the validation UAR after it (epoch 0: the initialisation). Once per run
+    directory (a resumed or repeated experts stage does not log them again)."""
+    path = cfg.paths["metrics"]
+    if path.is_file() and any('"stage": "experts"' in line for line in path.read_text().splitlines()):
+        return
+    val, loss = ex.meta.get("val_uar_curve") or [], ex.meta.get("loss_curve") or []
+    for e in range(ex.params.shape[0]):
+        for k in range(ex.n_epochs + 1):
+            row = {"stage": "experts", "expert": e, "epoch": k}
+            if k and e < len(loss):
+                row["loss"] = loss[e][k - 1]
+            if e < len(val):
+                row["val_uar"] = val[e][k]
+            if len(row) > 3:
+                _log_metrics(cfg, row)
 
 
 def check_workdir(cfg: RunConfig) -> None:
@@ -282,6 +332,7 @@ def stage_experts(cfg: RunConfig, fs: cache_lib.FeatureSet) -> experts_lib.Exper
         mesh=distill_lib.data_mesh(cfg.mesh_devices))
     logging.info("experts: %d x %d epochs, %d parameters, val UAR %s", cfg.n_experts, ex.n_epochs,
                  fm.n_params, np.round(ex.meta.get("final_val_uar", []), 3))
+    log_expert_curves(cfg, ex)
     return ex
 
 
@@ -317,7 +368,7 @@ def stage_distill(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Expe
         return distill_lib.distill(
             fm, dcfg, ex.params, x, y, fs.n_classes, cfg.seed, checkpoint_path=folder / "checkpoint.npz",
             checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every,
-            on_log=lambda row: _log_metrics(cfg.paths["metrics"], {"stage": tag, **row}),
+            on_log=lambda row: _log_metrics(cfg, {"stage": tag, **row}),
             evaluate_every=evaluate_every, evaluate=evaluate if evaluate_every else None, progress=cfg.progress,
             mesh=distill_lib.data_mesh(cfg.mesh_devices),
             provenance=distill_lib.run_fingerprint(dcfg, fm.spec.to_json(), fs.hash, ex.meta["fingerprint"], cfg.seed))
@@ -492,12 +543,15 @@ def stage_evaluate(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Exp
     p = cfg.paths
     rows = [json.loads(line) for line in p["metrics"].read_text().splitlines()] if p["metrics"].is_file() else []
     # a resumed distillation logs the iterations after its last checkpoint again: keep the last of each
-    rows = list({(r.get("stage"), r.get("iteration"), "loss" in r): r for r in rows}.values())
-    plots = [report_lib.plot_curves([r for r in rows if r.get("stage") == "distill"], p["plots"] / "distill_curves.png"),
-             report_lib.plot_spectrograms(x_syn, distilled["labels"], classes, p["plots"] / "distilled_spectrograms.png"),
-             report_lib.plot_confusions({"full data (test)": results["full_data_reference"].confusion["test"],
-                                         "distilled, fixed init (test)": results["distilled_fixed_init"].confusion["test"],
-                                         "random subset (test)": results["random_subset_fixed_init"].confusion["test"]},
+    rows = list({(r.get("iteration"), "loss" in r): r for r in rows if r.get("stage") == "distill"}.values())
+    plots = [report_lib.plot_curves(rows, p["plots"] / "distill_curves.png"),
+             report_lib.plot_spectrograms(x_syn, distilled["labels"], classes, p["plots"] / "distilled_spectrograms.png",
+                                          seconds_per_frame=fs.manifest["features"]["hop_length"]
+                                          / fs.manifest["features"]["sample_rate"]),
+             report_lib.plot_confusions({"full data": results["full_data_reference"].confusion["test"],
+                                         "distilled, fixed init": results["distilled_fixed_init"].confusion["test"],
+                                         "random subset": results["random_subset_fixed_init"].confusion["test"],
+                                         "herding": results["herding_subset_fixed_init"].confusion["test"]},
                                         classes, p["plots"] / "confusion_test.png")]
     if audit is not None:
         plots.append(report_lib.plot_privacy(audit, p["plots"] / "privacy.png"))
@@ -523,6 +577,13 @@ def run(cfg: RunConfig, command: str | None = None) -> dict | None:
     interrupted run resumes, and folds can be run apart (``--fold=k``, e.g. one per machine) and
     aggregated by a final run of all folds. The aggregate report pools every fold's seeds.
     """
+    try:
+        return _run(cfg, command)
+    finally:
+        close_tensorboard()
+
+
+def _run(cfg: RunConfig, command: str | None) -> dict | None:
     cfg.validate()
     try:
         lock_dir(cfg.workdir)

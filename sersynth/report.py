@@ -1,4 +1,5 @@
-"""What a run shows people: plots (PNG), audio renders of the distilled set, a console table."""
+"""What a run shows people: plots (PNG, with a PDF copy beside each for papers), audio renders of the
+distilled set, a console table."""
 from __future__ import annotations
 
 import os
@@ -12,11 +13,13 @@ from sersynth.io import atomic_write_bytes
 
 
 def _save(fig, path: Path) -> Path:
+    """Writes ``path`` (PNG) and the same figure as vector PDF beside it; returns the PNG's path."""
     import io
 
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    atomic_write_bytes(path, buf.getvalue())
+    for fmt, target in (("png", path), ("pdf", path.with_suffix(".pdf"))):
+        buf = io.BytesIO()
+        fig.savefig(buf, format=fmt, dpi=110, bbox_inches="tight")
+        atomic_write_bytes(target, buf.getvalue())
     import matplotlib.pyplot as plt
 
     plt.close(fig)
@@ -40,11 +43,12 @@ def plot_curves(rows: list[dict], path: Path) -> Path:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
     it = [r["iteration"] for r in steps]
     axes[0].plot(it, [r["loss"] for r in steps], lw=0.8)
-    axes[0].set(title="trajectory-matching loss", xlabel="iteration")
+    axes[0].set(title="trajectory-matching loss", xlabel="iteration", ylabel="normalised parameter distance")
     axes[1].plot(it, [r["lr"] for r in steps], lw=0.8, color="tab:orange")
-    axes[1].set(title="learned inner lr", xlabel="iteration")
-    axes[2].plot([r["iteration"] for r in evals], [r["val_uar"] for r in evals], "o-", color="tab:green")
-    axes[2].set(title="validation UAR (distilled, fixed init)", xlabel="iteration")
+    axes[1].set(title="learned inner lr", xlabel="iteration", ylabel="lr")
+    axes[2].plot([r["iteration"] for r in evals], [100 * r["val_uar"] for r in evals], "o-", color="tab:green")
+    axes[2].set(title="validation UAR (distilled, fixed init)", xlabel="iteration", ylabel="UAR (%)")
+    fig.tight_layout()
     return _save(fig, path)
 
 
@@ -57,45 +61,66 @@ def plot_expert_curves(curve: list[list[float]], path: Path, max_start_epoch: in
         ax.plot(range(len(row)), np.asarray(row) * 100, lw=1, label=f"expert {e}")
     if max_start_epoch:
         ax.axvspan(0, max_start_epoch - 1, color="tab:gray", alpha=0.15, label="start epochs matched")
-    ax.set(title="experts: validation UAR", xlabel="epoch", ylabel="UAR %")
+    ax.set(title="experts: validation UAR", xlabel="epoch", ylabel="UAR (%)")
     ax.legend(fontsize=7)
     return _save(fig, path)
 
 
-def plot_spectrograms(x: np.ndarray, labels: np.ndarray, classes: list[str], path: Path, per_class: int = 4) -> Path:
-    """Grid of distilled log-Mel spectrograms, one row per class."""
+def plot_spectrograms(x: np.ndarray, labels: np.ndarray, classes: list[str], path: Path, per_class: int = 10,
+                      seconds_per_frame: float | None = None) -> Path:
+    """Grid of distilled log-Mel spectrograms, one row per class (at most ``per_class`` of each, the
+    title says how many of how many), axes in seconds (or frames) and Mel bins, one colour bar."""
     plt = _plt()
-    per_class = max(1, min(per_class, int(np.bincount(labels).min())))
-    fig, axes = plt.subplots(len(classes), per_class, figsize=(2.2 * per_class, 1.5 * len(classes)), squeeze=False)
-    lim = float(np.percentile(np.abs(x), 99))
+    counts = np.bincount(labels, minlength=len(classes))
+    shown = max(1, min(per_class, int(counts.max())))
+    fig, axes = plt.subplots(len(classes), shown, figsize=(2.0 * shown + 1.0, 1.4 * len(classes) + 0.6),
+                             squeeze=False, sharex=True, sharey=True)
+    lim = float(np.percentile(np.abs(x), 99)) or 1.0
+    frames, n_mels = x.shape[1:]
+    extent = [0, frames * seconds_per_frame if seconds_per_frame else frames, 0, n_mels]
+    image = None
     for c, name in enumerate(classes):
-        idx = np.flatnonzero(labels == c)[:per_class]
-        for j in range(per_class):
+        idx = np.flatnonzero(labels == c)[:shown]
+        for j in range(shown):
             ax = axes[c, j]
-            ax.set_xticks([]), ax.set_yticks([])
             if j < idx.size:
-                ax.imshow(x[idx[j]].T, origin="lower", aspect="auto", cmap="magma", vmin=-lim, vmax=lim)
+                image = ax.imshow(x[idx[j]].T, origin="lower", aspect="auto", cmap="magma", vmin=-lim, vmax=lim,
+                                  extent=extent)
+            else:
+                ax.axis("off")
             if j == 0:
-                ax.set_ylabel(name, fontsize=9)
-    fig.suptitle("distilled log-Mel spectrograms (time ->, Mel bins ^)")
+                ax.set_ylabel(f"{name}\nMel bin", fontsize=8)
+            if c == len(classes) - 1:
+                ax.set_xlabel("time (s)" if seconds_per_frame else "frame", fontsize=8)
+            ax.tick_params(labelsize=7)
+    if image is not None:
+        fig.colorbar(image, ax=axes, shrink=0.6, label="normalised log-Mel (per-bin z-score)")
+    n_shown = int(np.minimum(counts, shown).sum())
+    fig.suptitle(f"distilled log-Mel spectrograms: {n_shown} of {labels.size} samples, up to {shown} per class")
     return _save(fig, path)
 
 
 def plot_confusions(matrices: dict[str, np.ndarray], classes: list[str], path: Path) -> Path:
-    """Row-normalised confusion matrices side by side (e.g. full data vs distilled)."""
+    """Row-normalised confusion matrices side by side (e.g. full data vs distilled vs the coresets),
+    in % of each true class, full class names, one colour bar."""
     plt = _plt()
-    fig, axes = plt.subplots(1, len(matrices), figsize=(4.2 * len(matrices), 4), squeeze=False)
-    for ax, (name, cm) in zip(axes[0], matrices.items()):
+    fig, axes = plt.subplots(1, len(matrices), figsize=(4.0 * len(matrices) + 1.0, 4.4), squeeze=False)
+    image = None
+    for k, (ax, (name, cm)) in enumerate(zip(axes[0], matrices.items())):
         cm = np.asarray(cm, float)
-        norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
-        ax.imshow(norm, vmin=0, vmax=1, cmap="Blues")
+        norm = 100 * cm / np.maximum(cm.sum(1, keepdims=True), 1)
+        image = ax.imshow(norm, vmin=0, vmax=100, cmap="Blues")
         for i in range(len(classes)):
             for j in range(len(classes)):
-                ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=6,
-                        color="white" if norm[i, j] > 0.5 else "black")
-        ax.set_xticks(range(len(classes)), [c[:4] for c in classes], rotation=90, fontsize=7)
-        ax.set_yticks(range(len(classes)), [c[:4] for c in classes], fontsize=7)
-        ax.set(title=name, xlabel="predicted", ylabel="true")
+                ax.text(j, i, f"{norm[i, j]:.0f}", ha="center", va="center", fontsize=6,
+                        color="white" if norm[i, j] > 50 else "black")
+        ax.set_xticks(range(len(classes)), classes, rotation=60, ha="right", fontsize=7)
+        ax.set_yticks(range(len(classes)), classes if k == 0 else [], fontsize=7)
+        ax.set(title=name, xlabel="predicted")
+        if k == 0:
+            ax.set_ylabel("true")
+    if image is not None:
+        fig.colorbar(image, ax=axes, shrink=0.8, label="% of the true class")
     return _save(fig, path)
 
 
@@ -155,7 +180,8 @@ def plot_privacy(audit: dict, path: Path) -> Path:
         ax.hist(d["holdout"], bins, alpha=0.6, density=True, label="real clips never trained on")
         ax.hist(d["synthetic"], bins, alpha=0.6, density=True, label="distilled samples")
         ax.axvline(d["holdout_p1"], color="k", ls="--", lw=0.8, label="their 1st percentile: left of it = near-copy")
-        ax.set(title=f"distance to the closest training clip\n{what}", xlabel="RMS distance")
+        ax.set_title(f"distance to the closest training clip:\n{what}", fontsize=9)
+        ax.set(xlabel="RMS distance", ylabel="density")
         ax.legend(fontsize=7)
     mia = audit["membership_inference"]
     names = list(mia)
@@ -165,8 +191,10 @@ def plot_privacy(audit: dict, path: Path) -> Path:
     if ref:
         axes[-1].axhline(float(np.mean(ref)), color="k", ls="--", lw=0.8, label="no-leak reference: never saw a real clip")
         axes[-1].legend(fontsize=7)
-    axes[-1].set_xticks(range(len(names)), [n.replace("_", " ") for n in names], fontsize=8)
-    axes[-1].set(title="membership inference (loss threshold): AUC", ylim=(0.3, 1.0))
+    axes[-1].set_xticks(range(len(names)), [n.replace("_", " ") for n in names], fontsize=8, rotation=15)
+    axes[-1].set_title("membership inference\n(loss threshold)", fontsize=9)
+    axes[-1].set(ylabel="attack AUC (0.5: chance)", ylim=(0.3, 1.0))
+    fig.tight_layout()
     return _save(fig, path)
 
 

@@ -28,6 +28,8 @@ flags.DEFINE_list("stage", ["all"], "stages to run: all, or a list of prepare,ex
 flags.DEFINE_integer("seed", 0, "root random seed (experts, distillation, evaluation)")
 flags.DEFINE_bool("overwrite", False, "redo a finished run / replace a run made with other flags")
 flags.DEFINE_bool("progress", True, "progress bars")
+flags.DEFINE_bool("tensorboard", False, "also write the metrics as TensorBoard event files in <workdir>/tensorboard "
+                  "(needs tensorboardX)")
 # --- data --------------------------------------------------------------------------------------
 prepare.define_flags(flags)
 flags.DEFINE_string("corpus_dir", "", "corpus folder ('' with --corpus=embedded: <workdir>/corpus, generated); "
@@ -163,7 +165,7 @@ def config_from_flags() -> pipeline.RunConfig:
         raise pipeline.RunError(f"--split needs three fractions (train,val,test), got {F.split}")
     return pipeline.RunConfig(
         workdir=F.workdir, stages=stages, seed=F.seed, overwrite=F.overwrite, progress=F.progress,
-        corpus=F.corpus, corpus_dir=F.corpus_dir, cache_dir=F.cache_dir,
+        tensorboard=F.tensorboard, corpus=F.corpus, corpus_dir=F.corpus_dir, cache_dir=F.cache_dir,
         embedded_speakers=F.embedded_speakers, embedded_utterances=F.embedded_utterances,
         fold=F.fold,
         prepare={"emotions": tuple(F.emotions), "split_fractions": split, "split_seed": F.split_seed,

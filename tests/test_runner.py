@@ -46,6 +46,14 @@ def test_end_to_end_run_writes_every_artifact(finished_run):
     assert len(ref["uar"]["test"]) == 2 and ref["extra"]["epochs"] == 4
     assert all(1 <= e <= 4 for e in ref["extra"]["selected_epoch"])
     assert s_ratio_uses_reference(report)
+    # the experts' training curves are in metrics.jsonl: loss and validation UAR per expert and epoch
+    meta = json.loads((workdir / "experts" / "meta.json").read_text())
+    losses = load_npz(workdir / "experts" / "trajectories.npz")["losses"]
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r["stage"] == "experts"]
+    assert [(r["expert"], r["epoch"]) for r in rows] == [(e, k) for e in range(2) for k in range(5)]
+    assert [r["val_uar"] for r in rows] == [v for curve in meta["val_uar_curve"] for v in curve]
+    np.testing.assert_allclose([r["loss"] for r in rows if r["epoch"]], losses.ravel(), rtol=1e-5)
     for r in report["results"].values():
         assert 0.0 <= r["test_uar_mean"] <= 1.0 and 0.0 <= r["val_wa_mean"] <= 1.0
     s = report["summary"]
@@ -80,6 +88,8 @@ def test_end_to_end_run_writes_every_artifact(finished_run):
         assert f"({link})" in md
     for rel in report["artifacts"]["plots"] + report["artifacts"]["audio"]:
         assert (workdir / rel).stat().st_size > 0
+    for rel in report["artifacts"]["plots"]:                       # a vector copy of every figure, for papers
+        assert (workdir / rel).with_suffix(".pdf").read_bytes().startswith(b"%PDF")
     assert len(report["artifacts"]["audio"]) == 3
     assert "plots/experts_val_uar.png" in report["artifacts"]["plots"]
     curve = np.asarray(report["experts_val_uar_curve"])              # [experts, epochs + 1]
@@ -87,8 +97,9 @@ def test_end_to_end_run_writes_every_artifact(finished_run):
     assert curve.shape == (2, 5) and ((curve >= 0) & (curve <= 1)).all()
     assert meta["final_val_uar"] == pytest.approx(curve[:, -1].tolist(), abs=1e-4)
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["iteration"] for r in rows if "loss" in r] == list(range(1, 21))
-    assert [r["iteration"] for r in rows if "val_uar" in r] == [0, 10, 20]
+    distill_rows = [r for r in rows if r["stage"] == "distill"]
+    assert [r["iteration"] for r in distill_rows if "loss" in r] == list(range(1, 21))
+    assert [r["iteration"] for r in distill_rows if "val_uar" in r] == [0, 10, 20]
     distilled = load_npz(workdir / "distill" / "distilled.npz")
     assert distilled["x"].shape == (6, 32, 16) and np.all(np.isfinite(distilled["x"]))
     assert "distilled / full-data test UAR: random init" in proc.stdout
@@ -110,11 +121,37 @@ def test_same_flags_same_result(finished_run, tmp_path):
     command = (workdir / "command.flags").read_text()
     assert "--ipc=2\n" in command and "--noprogress\n" in command and "--overwrite" not in command
     run_cli(f"--flagfile={workdir / 'command.flags'}", f"--workdir={tmp_path}", f"--cache_dir={workdir / 'cache'}",
-            "--stage=experts,distill")
+            "--stage=experts,distill", "--tensorboard")
     a = load_npz(workdir / "distill" / "distilled.npz")
     b = load_npz(tmp_path / "distill" / "distilled.npz")
     np.testing.assert_array_equal(a["x"], b["x"])
     np.testing.assert_array_equal(a["lr"], b["lr"])
+    # --tensorboard changes no result and writes the rows of metrics.jsonl as scalar events
+    scalars = tensorboard_scalars(tmp_path / "tensorboard")
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(scalars["experts/val_uar/expert_1"]) == [(r["epoch"], pytest.approx(r["val_uar"])) for r in metrics
+                                                           if r["stage"] == "experts" and r["expert"] == 1]
+    assert [s for s, _ in sorted(scalars["distill/loss"])] == [r["iteration"] for r in metrics
+                                                               if r["stage"] == "distill" and "loss" in r]
+    assert "distill/val_uar" in scalars and "experts/loss/expert_0" in scalars
+
+
+def tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of the event files in ``folder``: tag -> [(step, value)] (records read by hand)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out: dict[str, list] = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        data, i = path.read_bytes(), 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+            i += 12 + n + 4
+            for v in event.summary.value:
+                out.setdefault(v.tag, []).append((event.step, v.simple_value))
+    return out
 
 
 def test_finished_or_different_runs_are_not_overwritten(finished_run):
