@@ -446,6 +446,12 @@ def load_distilled(cfg: RunConfig) -> dict:
             "meta": read_json(d / "meta.json", "re-run the distill stage (--stage=distill,evaluate)")}
 
 
+def _training_speakers(fs: cache_lib.FeatureSet) -> np.ndarray | None:
+    """The speaker of each training clip, for the speaker-identity audit (None: one speaker)."""
+    spk = fs.speaker[fs.split == cache_lib.SPLIT_CODES["train"]]
+    return spk if np.unique(spk).size >= 2 else None
+
+
 def stage_evaluate(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Experts, distilled: dict) -> dict:
     t_start = time.perf_counter()
     fm = _model(cfg, fs)
@@ -483,7 +489,8 @@ def stage_evaluate(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Exp
                                "distilled_fixed_init": results["distilled_fixed_init"].params,
                                "distilled_random_init": results["distilled_random_init"].params},
                               seed=cfg.seed, mel_std=fs.mel_std, labels=distilled["labels"],
-                              sources=distill_lib.init_sources(dcfg, y_tr, n_classes, distill_lib.init_key(cfg.seed)))
+                              sources=distill_lib.init_sources(dcfg, y_tr, n_classes, distill_lib.init_key(cfg.seed)),
+                              speakers=_training_speakers(fs))
 
     full_feature_bytes = int(x_tr.nbytes)
     files = fs.manifest["files"]
@@ -521,6 +528,13 @@ def stage_evaluate(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Exp
                         "dcr_mixture_frac_below_holdout_p1": d["mixture"]["frac_synthetic_below_holdout_p1"],
                         "mia_auc_full_data": mia["full_data"]["auc_mean"],
                         "mia_auc_distilled": mia["distilled_fixed_init"]["auc_mean"]})
+        si = audit.get("speaker_identity")
+        if si:
+            summary.update({"speaker_id_check_accuracy": si["check_accuracy"],
+                            "speaker_id_check_chance": si["check_chance"]})
+            if "source_speaker_hit_rate" in si:
+                summary.update({"speaker_id_source_hit_rate": si["source_speaker_hit_rate"],
+                                "speaker_id_source_chance": si["source_speaker_chance"]})
         sr = audit.get("source_recovery", {})
         if sr.get("n_samples"):
             summary.update({"source_recovery_auc": sr["auc_mean"], "source_recovery_topk_hit_rate": sr["topk_hit_rate"],

@@ -186,6 +186,72 @@ def source_recovery(x_syn: np.ndarray, labels: np.ndarray, sources: np.ndarray, 
             "sources_per_sample": int(sources.shape[1])}
 
 
+def speaker_features(x: np.ndarray) -> np.ndarray:
+    """``[N, n_mels]``: each Mel bin's mean over time, a voice's long-term spectrum (the classic
+    text-independent speaker feature), for :func:`speaker_identity`."""
+    return np.asarray(x, np.float64).mean(axis=1)
+
+
+def _lda_fit(f: np.ndarray, y: np.ndarray, shrink: float = 0.1):
+    """Linear discriminant: class means, a shared covariance shrunk towards its diagonal; returns a
+    function giving ``[N, K]`` class probabilities and the classes."""
+    mu, sd = f.mean(0), f.std(0) + 1e-9
+    z = (f - mu) / sd
+    classes = np.unique(y)
+    means = np.stack([z[y == c].mean(0) for c in classes])
+    resid = z - means[np.searchsorted(classes, y)]
+    cov = resid.T @ resid / max(len(z) - len(classes), 1)
+    cov = (1 - shrink) * cov + shrink * np.diag(np.diag(cov)) + 1e-6 * np.eye(cov.shape[0])
+    w = np.linalg.solve(cov, means.T)                                     # [D, K]
+    b = -0.5 * np.sum(means.T * w, axis=0)
+
+    def probs(fx):
+        s = ((fx - mu) / sd) @ w + b
+        s = s - s.max(1, keepdims=True)
+        e = np.exp(s)
+        return e / e.sum(1, keepdims=True)
+    return probs, classes
+
+
+def speaker_identity(x_syn: np.ndarray, labels_syn: np.ndarray, x_train: np.ndarray, y_train: np.ndarray,
+                     spk_train: np.ndarray, sources: np.ndarray | None = None, check_fraction: float = 0.25,
+                     seed: int = 0) -> dict:
+    """Whether a speaker classifier trained on the real training clips recognises the voices a
+    distilled sample was made from. The classifier is a linear discriminant on
+    :func:`speaker_features` with each emotion's mean removed (an attacker knows the samples' labels; emotion would otherwise drown the
+    voice). It is trained on the training clips less ``check_fraction`` of each speaker's clips, on
+    which its accuracy is checked: it must recognise real voices for the rest to mean anything.
+    Reported with ``sources`` (``[N, k]`` training-clip indices each sample was initialised from;
+    ``real`` and ``mix`` initialisation): the share of samples whose predicted speaker is one of
+    their sources' speakers, against chance (the sources' distinct speakers / the speakers). A
+    ``noise``-initialised set has no sources to attribute: only the check is reported.
+    """
+    spk, y_train = np.asarray(spk_train), np.asarray(y_train)
+    rng = np.random.default_rng(seed)
+    check = np.zeros(spk.size, bool)
+    for s in np.unique(spk):
+        idx = np.flatnonzero(spk == s)
+        check[rng.choice(idx, max(1, int(round(check_fraction * idx.size))), replace=False)] = True
+    f_train = speaker_features(x_train)
+    emotion = {c: f_train[~check & (y_train == c)].mean(0) for c in np.unique(y_train[~check])}
+
+    def centred(f, y):
+        return f - np.stack([emotion.get(int(c), np.zeros(f.shape[1])) for c in y])
+
+    f_train = centred(f_train, y_train)
+    probs, classes = _lda_fit(f_train[~check], spk[~check])
+    check_acc = float(np.mean(classes[probs(f_train[check]).argmax(1)] == spk[check]))
+    out = {"n_speakers": int(classes.size), "check_accuracy": check_acc, "check_chance": 1.0 / classes.size,
+           "n_samples": int(len(x_syn))}
+    if sources is not None:
+        p_syn = probs(centred(speaker_features(x_syn), labels_syn))
+        src_spk = [set(spk[np.asarray(row)].tolist()) for row in np.asarray(sources).reshape(len(x_syn), -1)]
+        pred = classes[p_syn.argmax(1)]
+        out["source_speaker_hit_rate"] = float(np.mean([pred[i] in src_spk[i] for i in range(len(pred))]))
+        out["source_speaker_chance"] = float(np.mean([len(s) / classes.size for s in src_spk]))
+    return out
+
+
 def per_clip_loss(fm: FlatModel, params: jax.Array, x: np.ndarray, y: np.ndarray, chunk: int = 512) -> np.ndarray:
     """Cross-entropy ``[S, N]`` of each of ``S`` models (stacked flat params) on each clip."""
     z = train.logits(fm, jnp.asarray(params, jnp.float32), x, chunk).astype(np.float64)
@@ -235,6 +301,10 @@ MEANING = {
     "membership_inference": "loss-threshold attack, equal numbers of training clips and clips never trained on: "
                             "AUC; the reference for 'no leak' is the AUC of models that never saw a real clip (the "
                             "distilled-trained ones), since members and non-members differ in speakers too",
+    "speaker_identity": "a speaker classifier (linear discriminant on each Mel bin's mean over time, each "
+                        "emotion's mean removed) trained on the training clips: its accuracy on held-back clips "
+                        "of those speakers (the check) and, for samples initialised from real clips, how often "
+                        "it names one of their sources' speakers, against chance",
     "caveat": "a large distance is not proof that nothing leaks: these metrics find copies, edited copies, "
               "mixtures and recoverable sources, not every possible leak",
 }
@@ -243,14 +313,19 @@ MEANING = {
 def audit(fm: FlatModel, x_syn: np.ndarray, x_train: np.ndarray, y_train: np.ndarray, x_holdout: np.ndarray,
           y_holdout: np.ndarray, models: dict[str, jax.Array], n_mia: int = 2000, seed: int = 0,
           mel_std: np.ndarray | None = None, labels: np.ndarray | None = None,
-          sources: np.ndarray | None = None, edits: EditSearch = EditSearch()) -> dict:
+          sources: np.ndarray | None = None, edits: EditSearch = EditSearch(),
+          speakers: np.ndarray | None = None) -> dict:
     """Distances of the synthetic set (plain, robust to simple edits, to mixtures of two clips), the
     recovery of its initialisation sources (when given), and the membership-inference AUC of each
-    named model stack, with what each number means (:data:`MEANING`)."""
+    named model stack, with what each number means (:data:`MEANING`). With ``speakers`` (the training
+    clips' speaker ids): :func:`speaker_identity`."""
     out = {"dcr": dcr(x_syn, x_train, x_holdout, seed=seed, edits=edits, mel_std=mel_std, mixtures=True),
            "membership_inference": {name: membership_auc(fm, p, (x_train, y_train), (x_holdout, y_holdout), n_mia,
                                                          seed) for name, p in models.items()},
            "meaning": MEANING}
     if sources is not None and labels is not None:
         out["source_recovery"] = source_recovery(x_syn, labels, sources, x_train, y_train)
+    if speakers is not None:
+        out["speaker_identity"] = speaker_identity(x_syn, labels, x_train, y_train, speakers, sources=sources,
+                                                   seed=seed)
     return out

@@ -210,6 +210,12 @@ def privacy_text(s: dict) -> str:
         out += (f" Initialisation sources recovered with AUC {s['source_recovery_auc']:.3f} (0.5 = chance), "
                 f"{s['source_recovery_topk_hit_rate'] * 100:.0f}% of top-k guesses right (chance "
                 f"{s['source_recovery_topk_chance'] * 100:.0f}%).")
+    if "speaker_id_source_hit_rate" in s:
+        out += (f" A speaker classifier trained on the training clips (right on "
+                f"{s['speaker_id_check_accuracy'] * 100:.0f}% of held-back clips of those speakers, chance "
+                f"{s['speaker_id_check_chance'] * 100:.0f}%) names one of a sample's initialisation speakers for "
+                f"{s['speaker_id_source_hit_rate'] * 100:.0f}% of distilled samples (chance "
+                f"{s['speaker_id_source_chance'] * 100:.0f}%).")
     return out + (f" Membership-inference AUC: full-data models {s['mia_auc_full_data']:.3f}, models trained on the "
                   f"distilled set only {s['mia_auc_distilled']:.3f} (these never saw a real clip: their AUC is the "
                   "no-leak reference, not 0.5, since members and non-members also differ in speakers).")

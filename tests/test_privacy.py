@@ -80,9 +80,8 @@ def test_mix_initialisation_starts_from_no_single_recording():
 
 
 @pytest.fixture(scope="module")
-def speech(tmp_path_factory):
-    """An embedded corpus of 10 speakers: training clips, and clips of other speakers in two halves
-    (the reference of 'never trained on', and unrelated clips to audit)."""
+def speech_cache(tmp_path_factory):
+    """The feature cache of an embedded corpus of 10 speakers (speaker-independent split)."""
     from sersynth.data import prepare, synth_corpus
     from tests.conftest import TINY_FEATURES
 
@@ -90,7 +89,14 @@ def speech(tmp_path_factory):
                                        min_syllables=2, max_syllables=3)
     root = synth_corpus.generate(tmp_path_factory.mktemp("speech"), corpus, progress=False, workers=1)
     cfg = prepare.PrepareConfig(corpus="embedded", emotions=corpus.emotions, features=TINY_FEATURES, workers=1)
-    fs = prepare.prepare(root, tmp_path_factory.mktemp("speech_cache"), cfg, progress=False)
+    return prepare.prepare(root, tmp_path_factory.mktemp("speech_cache"), cfg, progress=False)
+
+
+@pytest.fixture(scope="module")
+def speech(speech_cache):
+    """Training clips, and clips of other speakers in two halves (the reference of 'never trained
+    on', and unrelated clips to audit)."""
+    fs = speech_cache
     x_tr, y_tr = fs.subset("train")
     x_out = np.concatenate([fs.subset("val")[0], fs.subset("test")[0]])
     rng = np.random.default_rng(0)
@@ -176,3 +182,26 @@ def test_membership_uses_equal_numbers():
     r = privacy.membership_auc(fm, fm.init_many(jax.random.split(jax.random.key(0), 1)), (x[:20], y[:20]),
                                (x[20:], y[20:]), n=100)
     assert r["n_members"] == r["n_nonmembers"] == 20
+
+
+def test_speaker_identity_names_the_voices_behind_copies_and_not_others(speech_cache):
+    from sersynth.pipeline import _training_speakers
+
+    fs = speech_cache
+    x_tr, y_tr = fs.subset("train")
+    spk_tr = _training_speakers(fs)
+    assert spk_tr.size == x_tr.shape[0] and np.unique(spk_tr).size >= 2
+    rng = np.random.default_rng(3)
+    # planted leak: training clips (with noise) whose sources are themselves
+    pick = rng.choice(x_tr.shape[0], 24, replace=False)
+    copies = x_tr[pick] + 0.1 * rng.normal(size=x_tr[pick].shape)
+    leak = privacy.speaker_identity(copies, y_tr[pick], x_tr, y_tr, spk_tr, sources=pick[:, None])
+    assert leak["n_speakers"] == np.unique(spk_tr).size
+    assert leak["check_accuracy"] > 2 * leak["check_chance"]        # the classifier knows the training voices
+    assert leak["source_speaker_chance"] == 1 / leak["n_speakers"]
+    assert leak["source_speaker_hit_rate"] >= 2 * leak["source_speaker_chance"]
+    # clean: the same samples against sources of other speakers are missed; no sources, no attribution
+    wrong = np.array([rng.choice(np.flatnonzero(spk_tr != spk_tr[i])) for i in pick])[:, None]
+    missed = privacy.speaker_identity(copies, y_tr[pick], x_tr, y_tr, spk_tr, sources=wrong)
+    assert missed["source_speaker_hit_rate"] <= 0.25
+    assert "source_speaker_hit_rate" not in privacy.speaker_identity(copies, y_tr[pick], x_tr, y_tr, spk_tr)

@@ -84,6 +84,10 @@ def test_end_to_end_run_writes_every_artifact(finished_run):
     assert "| distilled, fixed init | 6 |" in md and "Membership-inference AUC" in md and "arXiv 2406.15119" in md
     assert "| k-center coreset (expert features) | 6 |" in md and "minus DM:" in md
     assert "no-leak reference" in md and "after undoing gain, shifts and stretches" in md
+    si = report["privacy"]["speaker_identity"]                   # real init: each sample's source speaker
+    assert si["n_samples"] == 6 and 0 <= si["source_speaker_hit_rate"] <= 1
+    assert report["summary"]["speaker_id_source_hit_rate"] == si["source_speaker_hit_rate"]
+    assert "names one of a sample's initialisation speakers" in md
     for link in [p for p in report["artifacts"]["plots"] + report["artifacts"]["audio"]]:
         assert f"({link})" in md
     for rel in report["artifacts"]["plots"] + report["artifacts"]["audio"]:
