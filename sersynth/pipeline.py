@@ -89,6 +89,8 @@ class RunConfig:
     tune: tune_lib.TuneConfig = tune_lib.TuneConfig()   # --tune: grid searched on validation before distilling
     render_per_class: int = 2
     privacy_audit: bool = True            # distances to the closest training clip + membership inference
+    mia_holdout: float = 0.0              # share of each training speaker's clips kept out of every stage, as
+                                          # same-speaker non-members for membership inference (0: none)
     baselines: tuple[str, ...] = ()       # beyond random subset and herding: kcenter, dm (protocol.BASELINES)
     eval_models: tuple[str, ...] = ()     # also train these model families on every small set (cross-architecture)
     experts_dir: str = ""                 # '' -> <workdir>/experts; shared by several runs (sersynth table)
@@ -110,6 +112,8 @@ class RunConfig:
         d = dataclasses.asdict(self)
         for volatile in ("stages", "overwrite", "progress", "tensorboard", "fold", "workdir"):
             d.pop(volatile)
+        if not d["mia_holdout"]:            # off, a run is the same run as before the option existed
+            d.pop("mia_holdout")
         for key in ("cache_dir", "corpus_dir", "experts_dir"):
             d[key] = ",".join(str(Path(p).resolve()) for p in d[key].split(",")) if d[key] else ""
         return as_json(d)
@@ -135,6 +139,8 @@ class RunConfig:
         if self.eval_optimizer not in protocol.EVAL_OPTIMIZERS:
             raise RunError(f"--eval_optimizer must be one of {', '.join(protocol.EVAL_OPTIMIZERS)}, "
                            f"got {self.eval_optimizer!r}")
+        if not 0 <= self.mia_holdout < 0.5:
+            raise RunError(f"--mia_holdout must be in [0, 0.5), got {self.mia_holdout}")
         if self.eval_select_every < 0 or self.reference_epochs < 0 or self.eval_patience < 0:
             raise RunError("--eval_select_every, --eval_patience and --reference_epochs must be >= 0")
         bad = [m for m in self.eval_models if m not in MODELS]
@@ -446,6 +452,36 @@ def load_distilled(cfg: RunConfig) -> dict:
             "meta": read_json(d / "meta.json", "re-run the distill stage (--stage=distill,evaluate)")}
 
 
+HELD_OUT = -1        # split code of the clips --mia_holdout keeps out of every stage
+
+
+def membership_holdout(cfg: RunConfig, fs: cache_lib.FeatureSet) -> cache_lib.FeatureSet:
+    """With ``--mia_holdout=F``: the view of ``fs`` in which F of each training speaker's training
+    clips (at least one, never all) leave the training split (split code :data:`HELD_OUT`), so no
+    stage sees them and membership inference has non-members of the members' own speakers. The view
+    has a hash of its own (experts trained on it are not the full split's) and lists the held-out
+    files in its manifest (``membership_holdout``). (The cache's per-Mel-bin normalisation was
+    computed before, over every training clip: one mean and spread per bin, no clip-level signal.)"""
+    if cfg.mia_holdout <= 0:
+        return fs
+    train = np.flatnonzero(fs.split == cache_lib.SPLIT_CODES["train"])
+    rng = np.random.default_rng(cfg.seed + 7919)
+    held = []
+    for s in np.unique(fs.speaker[train]):
+        idx = train[fs.speaker[train] == s]
+        n = min(max(1, int(round(cfg.mia_holdout * idx.size))), idx.size - 1)
+        held.extend(rng.choice(idx, n, replace=False).tolist() if n > 0 else [])
+    held = np.sort(np.asarray(held, int))
+    split = fs.split.copy()
+    split[held] = HELD_OUT
+    files = fs.manifest.get("files", [])
+    manifest = dict(fs.manifest, hash=f"{fs.hash}-mia{cfg.mia_holdout:g}",
+                    membership_holdout={"fraction": cfg.mia_holdout, "n_clips": int(held.size),
+                                        "files": [files[i]["path"] for i in held] if len(files) == fs.split.size else
+                                        held.tolist()})
+    return dataclasses.replace(fs, split=split, manifest=manifest)
+
+
 def _training_speakers(fs: cache_lib.FeatureSet) -> np.ndarray | None:
     """The speaker of each training clip, for the speaker-identity audit (None: one speaker)."""
     spk = fs.speaker[fs.split == cache_lib.SPLIT_CODES["train"]]
@@ -490,7 +526,9 @@ def stage_evaluate(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Exp
                                "distilled_random_init": results["distilled_random_init"].params},
                               seed=cfg.seed, mel_std=fs.mel_std, labels=distilled["labels"],
                               sources=distill_lib.init_sources(dcfg, y_tr, n_classes, distill_lib.init_key(cfg.seed)),
-                              speakers=_training_speakers(fs))
+                              speakers=_training_speakers(fs),
+                              same_speaker=(fs.x[fs.split == HELD_OUT], fs.y[fs.split == HELD_OUT]) if cfg.mia_holdout
+                              else None)
 
     full_feature_bytes = int(x_tr.nbytes)
     files = fs.manifest["files"]
@@ -528,6 +566,11 @@ def stage_evaluate(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Exp
                         "dcr_mixture_frac_below_holdout_p1": d["mixture"]["frac_synthetic_below_holdout_p1"],
                         "mia_auc_full_data": mia["full_data"]["auc_mean"],
                         "mia_auc_distilled": mia["distilled_fixed_init"]["auc_mean"]})
+        for key, short in (("membership_same_speaker", "mia_same_speaker_auc"),
+                           ("membership_init_sources", "mia_init_sources_auc")):
+            if audit.get(key):
+                summary.update({f"{short}_full_data": audit[key]["full_data"]["auc_mean"],
+                                f"{short}_distilled": audit[key]["distilled_fixed_init"]["auc_mean"]})
         si = audit.get("speaker_identity")
         if si:
             summary.update({"speaker_id_check_accuracy": si["check_accuracy"],
@@ -549,6 +592,8 @@ def stage_evaluate(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Exp
               "distill": distilled["meta"].get("distill"), "lr_candidates": cands}
     if cross:
         report["other_models"] = cross
+    if "membership_holdout" in fs.manifest:
+        report["membership_holdout"] = fs.manifest["membership_holdout"]
     if distilled["meta"].get("tune"):
         report["tune"] = distilled["meta"]["tune"]
     if distilled["meta"].get("evaluations") and summary["selected_iteration"] == 0:
@@ -657,18 +702,25 @@ def aggregate_folds(reports: dict[int, dict], manifest: dict) -> dict:
     """Pools per-seed scores of every fold (so mean = mean of fold means), sums confusions, averages
     the summary; keeps each fold's test UAR per setting."""
     first = reports[min(reports)]
-    results = {}
-    for name in first["results"]:
-        rs = [reports[k]["results"][name] for k in sorted(reports)]
+
+    def pool(name: str, rs: list[dict]) -> dict:
         splits_ = list(rs[0]["uar"])
-        r = eval_lib.Result(name, {s: sum((x["uar"][s] for x in rs), []) for s in splits_},
-                            {s: sum((x["wa"][s] for x in rs), []) for s in splits_},
-                            {s: np.sum([x["confusion"][s] for x in rs], axis=0).tolist() for s in splits_},
-                            float(sum(x["train_seconds"] for x in rs)), int(round(np.mean([x["n_train"] for x in rs]))),
-                            {"folds": len(rs)})
-        results[name] = r.to_json()
+        return eval_lib.Result(name, {s: sum((x["uar"][s] for x in rs), []) for s in splits_},
+                               {s: sum((x["wa"][s] for x in rs), []) for s in splits_},
+                               {s: np.sum([x["confusion"][s] for x in rs], axis=0).tolist() for s in splits_},
+                               float(sum(x["train_seconds"] for x in rs)),
+                               int(round(np.mean([x["n_train"] for x in rs]))), {"folds": len(rs)}).to_json()
+
+    results = {name: pool(name, [reports[k]["results"][name] for k in sorted(reports)]) for name in first["results"]}
+    other = {}                                   # other trained models (--eval_models): pooled the same way
+    for model, entry in first.get("other_models", {}).items():
+        if all(model in reports[k].get("other_models", {}) for k in reports):
+            other[model] = {**{k: v for k, v in entry.items() if k != "results"},
+                            "results": {name: pool(name, [reports[k]["other_models"][model]["results"][name]
+                                                          for k in sorted(reports)]) for name in entry["results"]}}
     summary = {k: float(np.mean([reports[f]["summary"][k] for f in reports]))
-               for k, v in first["summary"].items() if isinstance(v, (int, float))}
+               for k, v in first["summary"].items()
+               if isinstance(v, (int, float)) and all(k in reports[f]["summary"] for f in reports)}
     full = results.get("full_data_reference", results["full_data"])["test_uar_mean"]
     summary["uar_ratio_fixed"] = results["distilled_fixed_init"]["test_uar_mean"] / max(full, 1e-9)
     summary["uar_ratio_random"] = results["distilled_random_init"]["test_uar_mean"] / max(full, 1e-9)
@@ -677,10 +729,11 @@ def aggregate_folds(reports: dict[int, dict], manifest: dict) -> dict:
                 for k in sorted(reports)]
     return {**{k: first[k] for k in ("corpus", "classes", "model", "n_params", "backend", "devices", "jax_version")},
             "cache_hash": manifest["hash"], "protocol": manifest.get("protocol"), "n_folds": len(reports),
-            "results": results, "summary": summary, "folds": per_fold}
+            "results": results, "summary": summary, "folds": per_fold, **({"other_models": other} if other else {})}
 
 
 def _run_stages(cfg: RunConfig, fs: cache_lib.FeatureSet) -> dict | None:
+    fs = membership_holdout(cfg, fs)
     # Barriers: in a multi-host run every process decides "resume or compute" from the same files.
     dist.barrier(f"{cfg.workdir}:experts")
     if "experts" in cfg.stages:

@@ -289,6 +289,21 @@ def membership_auc(fm: FlatModel, params: jax.Array, members: tuple, nonmembers:
             "loss_gap": float(np.mean(ln) - np.mean(lm))}
 
 
+def init_source_membership(fm: FlatModel, models: dict[str, jax.Array], sources: np.ndarray, x_train: np.ndarray,
+                           y_train: np.ndarray, seed: int = 0) -> dict:
+    """The loss-threshold attack aimed at the clips that initialised the distilled set: AUC of those
+    clips against an equal number of the other training clips, per model stack. Both groups trained
+    the full-data models alike, so their AUC (about 0.5) is the reference; models trained on the
+    distilled set only scoring above it fit the initialisation clips better than their neighbours:
+    the set carries those recordings into every model trained on it."""
+    src = np.unique(np.asarray(sources).ravel())
+    others = np.setdiff1d(np.arange(len(y_train)), src)
+    if src.size == 0 or others.size == 0:
+        return {}
+    members, nonmembers = (x_train[src], y_train[src]), (x_train[others], y_train[others])
+    return {name: membership_auc(fm, p, members, nonmembers, src.size, seed) for name, p in models.items()}
+
+
 MEANING = {
     "dcr": "RMS distance (normalised log-Mel) of each distilled sample to its closest training clip, against the "
            "same distance of real clips never trained on; below their 1st percentile = nearer than 99% of them",
@@ -301,6 +316,12 @@ MEANING = {
     "membership_inference": "loss-threshold attack, equal numbers of training clips and clips never trained on: "
                             "AUC; the reference for 'no leak' is the AUC of models that never saw a real clip (the "
                             "distilled-trained ones), since members and non-members differ in speakers too",
+    "membership_same_speaker": "the loss-threshold attack with non-members of the training speakers themselves "
+                               "(--mia_holdout: clips of each training speaker kept out of every stage): members "
+                               "and non-members differ only in membership, so 0.5 = no leak",
+    "membership_init_sources": "the loss-threshold attack aimed at the clips that initialised the distilled set, "
+                               "against the other training clips: the full-data models' AUC (both groups trained "
+                               "them) is the no-leak reference",
     "speaker_identity": "a speaker classifier (linear discriminant on each Mel bin's mean over time, each "
                         "emotion's mean removed) trained on the training clips: its accuracy on held-back clips "
                         "of those speakers (the check) and, for samples initialised from real clips, how often "
@@ -314,17 +335,23 @@ def audit(fm: FlatModel, x_syn: np.ndarray, x_train: np.ndarray, y_train: np.nda
           y_holdout: np.ndarray, models: dict[str, jax.Array], n_mia: int = 2000, seed: int = 0,
           mel_std: np.ndarray | None = None, labels: np.ndarray | None = None,
           sources: np.ndarray | None = None, edits: EditSearch = EditSearch(),
-          speakers: np.ndarray | None = None) -> dict:
+          speakers: np.ndarray | None = None, same_speaker: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
     """Distances of the synthetic set (plain, robust to simple edits, to mixtures of two clips), the
     recovery of its initialisation sources (when given), and the membership-inference AUC of each
     named model stack, with what each number means (:data:`MEANING`). With ``speakers`` (the training
-    clips' speaker ids): :func:`speaker_identity`."""
+    clips' speaker ids): :func:`speaker_identity`. With ``same_speaker`` (clips of the training
+    speakers kept out of training, and their labels): membership inference against them too. With
+    ``sources``: :func:`init_source_membership`."""
     out = {"dcr": dcr(x_syn, x_train, x_holdout, seed=seed, edits=edits, mel_std=mel_std, mixtures=True),
            "membership_inference": {name: membership_auc(fm, p, (x_train, y_train), (x_holdout, y_holdout), n_mia,
                                                          seed) for name, p in models.items()},
            "meaning": MEANING}
+    if same_speaker is not None and len(same_speaker[1]):
+        out["membership_same_speaker"] = {name: membership_auc(fm, p, (x_train, y_train), same_speaker, n_mia, seed)
+                                          for name, p in models.items()}
     if sources is not None and labels is not None:
         out["source_recovery"] = source_recovery(x_syn, labels, sources, x_train, y_train)
+        out["membership_init_sources"] = init_source_membership(fm, models, sources, x_train, y_train, seed)
     if speakers is not None:
         out["speaker_identity"] = speaker_identity(x_syn, labels, x_train, y_train, speakers, sources=sources,
                                                    seed=seed)

@@ -216,9 +216,17 @@ def privacy_text(s: dict) -> str:
                 f"{s['speaker_id_check_chance'] * 100:.0f}%) names one of a sample's initialisation speakers for "
                 f"{s['speaker_id_source_hit_rate'] * 100:.0f}% of distilled samples (chance "
                 f"{s['speaker_id_source_chance'] * 100:.0f}%).")
-    return out + (f" Membership-inference AUC: full-data models {s['mia_auc_full_data']:.3f}, models trained on the "
-                  f"distilled set only {s['mia_auc_distilled']:.3f} (these never saw a real clip: their AUC is the "
-                  "no-leak reference, not 0.5, since members and non-members also differ in speakers).")
+    out += (f" Membership-inference AUC: full-data models {s['mia_auc_full_data']:.3f}, models trained on the "
+            f"distilled set only {s['mia_auc_distilled']:.3f} (these never saw a real clip: their AUC is the "
+            "no-leak reference, not 0.5, since members and non-members also differ in speakers).")
+    if "mia_same_speaker_auc_full_data" in s:
+        out += (f" Against held-out clips of the training speakers themselves (0.5 = no leak): full-data models "
+                f"{s['mia_same_speaker_auc_full_data']:.3f}, distilled-trained {s['mia_same_speaker_auc_distilled']:.3f}.")
+    if "mia_init_sources_auc_full_data" in s:
+        out += (f" Aimed at the clips that initialised the set, against the other training clips: full-data models "
+                f"{s['mia_init_sources_auc_full_data']:.3f} (the reference: both trained them), distilled-trained "
+                f"{s['mia_init_sources_auc_distilled']:.3f}.")
+    return out
 
 
 def _chosen(tune: dict) -> str:

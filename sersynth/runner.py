@@ -134,6 +134,8 @@ flags.DEFINE_float("dm_lr_img", 1.0, "--baselines=dm: SGD step on the spectrogra
 flags.DEFINE_integer("dm_batch_real", 64, "--baselines=dm: real clips per class per step")
 flags.DEFINE_bool("privacy_audit", True, "distances of the distilled set to the closest training clips and a "
                   "membership-inference attack on full-data vs distilled-trained models (report.json 'privacy')")
+flags.DEFINE_float("mia_holdout", 0.0, "share of each training speaker's clips kept out of every stage as "
+                   "same-speaker non-members for membership inference (0: none; e.g. 0.1)")
 
 
 RUN_FLAGS = tuple(name for name in F if name not in _BEFORE)    # the runner's own flags, definition order
@@ -193,7 +195,8 @@ def config_from_flags() -> pipeline.RunConfig:
         mesh_devices=F.mesh_devices, eval_every=F.eval_every, checkpoint_every=F.checkpoint_every, log_every=F.log_every,
         eval_seeds=F.eval_seeds, eval_epochs=F.eval_epochs, eval_lr_grid=lr_grid, eval_optimizer=F.eval_optimizer,
         eval_batch_size=F.eval_batch_size, eval_select_every=F.eval_select_every, eval_patience=F.eval_patience, tune=tune, reference_epochs=F.reference_epochs,
-        render_per_class=F.render_per_class, privacy_audit=F.privacy_audit, baselines=tuple(F.baselines),
+        render_per_class=F.render_per_class, privacy_audit=F.privacy_audit, mia_holdout=F.mia_holdout,
+        baselines=tuple(F.baselines),
         eval_models=tuple(F.eval_models), experts_dir=F.experts_dir,
         dm=dm_lib.DMConfig(iterations=F.dm_iterations, lr_img=F.dm_lr_img, batch_real=F.dm_batch_real))
 

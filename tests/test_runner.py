@@ -158,6 +158,34 @@ def tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
     return out
 
 
+def test_membership_holdout_keeps_clips_of_training_speakers_out_of_every_stage(finished_run, tmp_path):
+    """--mia_holdout: part of each training speaker's clips leaves training (experts, distillation,
+    every model) and serves as same-speaker non-members; the run says which clips."""
+    workdir, _ = finished_run
+    assert "mia_holdout" not in json.loads((workdir / "config.json").read_text())   # off: runs stay as they were
+    run_cli(f"--workdir={tmp_path}", *TINY_FLAGS, f"--cache_dir={workdir / 'cache'}", "--baselines=",
+            "--mia_holdout=0.25")
+    report = json.loads((tmp_path / "report.json").read_text())
+    manifest = json.loads((workdir / "cache" / "manifest.json").read_text())
+    held = report["membership_holdout"]
+    train_files = [f for f in manifest["files"] if f["split"] == "train"]
+    speakers = {f["speaker"] for f in train_files}
+    assert held["fraction"] == 0.25 and held["n_clips"] == len(held["files"]) >= len(speakers)
+    by_path = {f["path"]: f for f in train_files}
+    assert all(p in by_path for p in held["files"])                               # training clips...
+    assert {by_path[p]["speaker"] for p in held["files"]} == speakers              # ...of every training speaker
+    assert report["results"]["full_data"]["n_train"] == len(train_files) - held["n_clips"]
+    assert json.loads((tmp_path / "experts" / "meta.json").read_text())["cache_hash"].endswith("-mia0.25")
+    same = report["privacy"]["membership_same_speaker"]
+    assert set(same) == {"full_data", "distilled_fixed_init", "distilled_random_init"}
+    assert same["full_data"]["n_nonmembers"] == held["n_clips"]
+    assert "full_data" in report["privacy"]["membership_init_sources"]
+    s = report["summary"]
+    assert 0 <= s["mia_same_speaker_auc_distilled"] <= 1 and 0 <= s["mia_init_sources_auc_full_data"] <= 1
+    md = (tmp_path / "report.md").read_text()
+    assert "Against held-out clips of the training speakers themselves" in md and "Aimed at the clips" in md
+
+
 def test_finished_or_different_runs_are_not_overwritten(finished_run):
     workdir, _ = finished_run
     before = (workdir / "report.json").read_bytes()
@@ -274,3 +302,27 @@ def test_per_seed_sets_train_one_model_each_whatever_their_number():
     for per_seed, pairs, seeds in ((True, [pair], 1), (True, [pair, pair], 2), (False, [pair], 3)):
         r = protocol._train_set(cfg, fm, "s", pairs, inits, jax.random.key(1), sets, 3, [0.01], per_seed)
         assert len(r.uar["test"]) == seeds, (per_seed, len(pairs))
+
+
+def test_folds_pool_every_trained_model():
+    """The aggregate of cross-validation folds pools each fold's seeds, for the guiding model and for
+    every other trained model (--eval_models) alike; summary figures missing from a fold are left out."""
+    from sersynth.evaluate import Result
+
+    def result(name, uars):
+        return Result(name, {"val": uars, "test": uars}, {"val": uars, "test": uars},
+                      {"val": [[1, 0], [0, 1]], "test": [[1, 0], [0, 1]]}, 1.0, 10).to_json()
+
+    names = ("full_data", "full_data_reference", "distilled_fixed_init", "distilled_random_init")
+    reports = {k: {"corpus": "c", "classes": ["a", "b"], "model": {}, "n_params": 1, "backend": "cpu", "devices": [],
+                   "jax_version": "0", "results": {n: result(n, [0.5 + k / 10, 0.6]) for n in names},
+                   "summary": {"ipc": 2, **({"source_recovery_auc": 0.7} if k == 0 else {})},
+                   "other_models": {"cnn6": {"n_params": 5, "results": {n: result(n, [0.2 + k / 10]) for n in names}}}}
+               for k in range(2)}
+    manifest = {"hash": "h", "protocol": "loso", "fold_info": [{"test": "s0"}, {"test": "s1"}]}
+    agg = pipeline.aggregate_folds(reports, manifest)
+    assert agg["results"]["distilled_fixed_init"]["uar"]["test"] == [0.5, 0.6, 0.6, 0.6]
+    pooled = agg["other_models"]["cnn6"]
+    assert pooled["n_params"] == 5 and pooled["results"]["distilled_random_init"]["uar"]["test"] == pytest.approx([0.2, 0.3])
+    assert pooled["results"]["distilled_random_init"]["test_uar_mean"] == pytest.approx(0.25)
+    assert agg["summary"] == {"ipc": 2.0, **{k: agg["summary"][k] for k in ("uar_ratio_fixed", "uar_ratio_random")}}
