@@ -157,7 +157,8 @@ def test_train_another_family_and_refusals(distilled, tmp_path):
 
 def test_the_command_lists_its_commands_and_main_flags():
     proc = sersynth()
-    assert proc.returncode == 2 and all(c in proc.stdout for c in ("prepare", "run", "export", "train", "predict"))
+    assert proc.returncode == 2 and all(c in proc.stdout for c in ("prepare", "run", "export", "train", "predict",
+                                                                   "export-model"))
     proc = sersynth("run", "--help")
     assert proc.returncode == 0
     assert [f for f in ("--corpus:", "--corpus_dir:", "--workdir:", "--protocol:", "--model:", "--ipc:")
