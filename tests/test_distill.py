@@ -247,6 +247,22 @@ def test_donated_steps_keep_the_best_state(setup, tmp_path):
         np.testing.assert_allclose(np.asarray(best.params["x"]), np.asarray(ref.params["x"]), rtol=1e-6)
 
 
+def test_resume_keeps_a_best_state_from_before_the_stop(setup, tmp_path):
+    """A run stopped after its best iteration (never beaten afterwards) resumes with that state as
+    its best: the one in checkpoint.best.npz, not the state it resumed from."""
+    fm, x, y, traj = setup
+    cfg = distill.DistillConfig(ipc=1, syn_steps=2, expert_epochs=2, max_start_epoch=3, iterations=6, lr_img=10.0)
+    ref, _, _ = distill.distill(fm, dataclasses.replace(cfg, iterations=2), traj, x, y, 3, 0, progress=False)
+    ck = tmp_path / "ck.npz"
+    distill.distill(fm, dataclasses.replace(cfg, iterations=4), traj, x, y, 3, 0, progress=False, evaluate_every=2,
+                    evaluate=_scripted_scores([0.1, 0.9, 0.3]), checkpoint_path=ck, checkpoint_every=2)
+    final, best, evals = distill.distill(fm, cfg, traj, x, y, 3, 0, progress=False, evaluate_every=2,
+                                         evaluate=_scripted_scores([0.2, 0.4]), checkpoint_path=ck, checkpoint_every=2)
+    assert [e["step"] for e in evals] == [0, 2, 4, 6] and int(final.step) == 6
+    assert int(best.step) == 2
+    np.testing.assert_allclose(np.asarray(best.params["x"]), np.asarray(ref.params["x"]), rtol=1e-6)
+
+
 def test_tied_scores_keep_the_later_state(setup):
     fm, x, y, traj = setup
     cfg = distill.DistillConfig(ipc=1, syn_steps=2, expert_epochs=2, max_start_epoch=3, iterations=4, lr_img=10.0)
