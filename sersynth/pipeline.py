@@ -502,15 +502,16 @@ def stage_evaluate(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Exp
     ipc = n_syn // n_classes
     results: dict[str, eval_lib.Result] = {}
 
+    store = cfg.paths["experts"] if cfg.experts_dir else None      # shared by runs (sersynth table): one reference each
     results, cands, pools = protocol.train_every_setting(cfg, fm, ex, x_tr, y_tr, sets, n_classes, x_syn, t_syn, lr,
-                                                         key)
+                                                         key, store)
     cross = {}
     for name in cfg.eval_models:
         if name == fm.spec.name:
             continue
         fm_other = _model(dataclasses.replace(cfg, model={**cfg.model, "name": name}), fs)
         res = protocol.train_other_model(cfg, fm_other, x_tr, y_tr, sets, n_classes, pools, cands,
-                                         jax.random.fold_in(key, 1000 + len(cross)))
+                                         jax.random.fold_in(key, 1000 + len(cross)), store)
         cross[name] = {"model": fm_other.spec.to_json(), "n_params": fm_other.n_params,
                        "results": {k: r.to_json() for k, r in res.items()}}
         logging.info("evaluated on %s: %s", name, ", ".join(f"{k} {r.mean_std('test')[0]:.3f}" for k, r in res.items()))

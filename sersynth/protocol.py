@@ -9,6 +9,8 @@ stopping by model selection on validation. Test speakers are only read to score 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import jax
@@ -18,6 +20,7 @@ import numpy as np
 from sersynth import distill as distill_lib
 from sersynth import evaluate as eval_lib
 from sersynth import train
+from sersynth.io import atomic_write_json, fingerprint, read_json
 
 if TYPE_CHECKING:
     from sersynth.experts import Experts
@@ -69,17 +72,46 @@ def train_small(cfg, fm, x, targets, lr, inits, key, eval_sets, n_classes, name)
                                     select_every=cfg.eval_select_every, patience=cfg.eval_patience)
 
 
-def train_reference(cfg: RunConfig, fm, x, y, inits, key, eval_sets: dict, n_classes: int) -> eval_lib.Result:
+def _digest(*arrays) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(np.asarray(a))
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
+def train_reference(cfg: RunConfig, fm, x, y, inits, key, eval_sets: dict, n_classes: int,
+                    store: Path | None = None) -> eval_lib.Result:
     """The full-data reference: models trained on the whole training split with the experts'
     optimiser for ``reference_epochs`` (default: the experts' epochs), from ``eval_seeds`` of the
     fixed initialisations the distilled set is evaluated from, each kept at its best validation UAR
-    (checked 10 times over the run)."""
+    (checked 10 times over the run).
+
+    With ``store`` (a folder runs share, e.g. ``sersynth table``'s experts folder) the scores are
+    kept there as ``reference_<fingerprint>.json`` and reused by any run with the same model,
+    training settings, data, initialisations and key: the reference does not depend on the ipc or
+    the distilled set, so one table trains it once per (guide, trained model), not once per cell."""
     epochs = cfg.reference_epochs or cfg.expert_train.epochs
     tc = dataclasses.replace(cfg.expert_train, epochs=epochs)
-    return eval_lib.train_and_score("full_data_reference", fm, tc, x, train.one_hot(y, n_classes), inits, key,
-                                    eval_sets, n_classes, parallel=cfg.parallel or None,
-                                    epoch_mode=cfg.epoch_mode or None, mesh=distill_lib.data_mesh(cfg.mesh_devices),
-                                    select_every=max(1, epochs // 10), epochs=epochs)
+    path = None
+    if store is not None:
+        tag = fingerprint({"model": fm.spec.to_json(), "train": dataclasses.asdict(tc),
+                           "data": _digest(x, y, *(a for split in sorted(eval_sets) for a in eval_sets[split])),
+                           "inits": _digest(inits), "key": _digest(jax.random.key_data(key)),
+                           "splits": sorted(eval_sets), "parallel": cfg.parallel, "epoch_mode": cfg.epoch_mode})
+        path = Path(store) / f"reference_{tag}.json"
+        if path.is_file():
+            r = read_json(path, advice="delete it to train the reference again")
+            return eval_lib.Result(**{k: r[k] for k in ("name", "uar", "wa", "confusion", "train_seconds",
+                                                        "n_train", "extra")})
+    result = eval_lib.train_and_score("full_data_reference", fm, tc, x, train.one_hot(y, n_classes), inits, key,
+                                      eval_sets, n_classes, parallel=cfg.parallel or None,
+                                      epoch_mode=cfg.epoch_mode or None, mesh=distill_lib.data_mesh(cfg.mesh_devices),
+                                      select_every=max(1, epochs // 10), epochs=epochs)
+    if path is not None:
+        atomic_write_json(path, result.to_json())
+    return result
 
 
 def small_sets(cfg: RunConfig, fm, ex: Experts, x_tr, y_tr, n_classes: int, x_syn, t_syn
@@ -129,18 +161,18 @@ def _train_set(cfg, fm, name, pairs, inits, key, sets, n_classes, cands, per_see
 
 
 def train_every_setting(cfg: RunConfig, fm, ex: Experts, x_tr, y_tr, sets: dict, n_classes: int, x_syn, t_syn,
-                        lr: float, key) -> tuple[dict[str, eval_lib.Result], list[float], dict]:
+                        lr: float, key, store: Path | None = None) -> tuple[dict[str, eval_lib.Result], list[float], dict]:
     """Trains and scores every setting of the report: the experts (as trained), the full-data
     reference, the distilled set from the experts' and from random initialisations, and every
     other small set of :func:`small_sets` from the experts' initialisations. Returns ``(results,
-    lr candidates, small sets)``."""
+    lr candidates, small sets)``. ``store``: see :func:`train_reference`."""
     results: dict[str, eval_lib.Result] = {}
     # Full data: the experts are models trained on the whole training split.
     uar, wa, cm = eval_lib.score(fm, jnp.asarray(ex.params[:, -1], jnp.float32), sets, n_classes)
     results["full_data"] = eval_lib.Result("full_data", uar, wa, cm, ex.meta["train_seconds_per_expert"],
                                            int(x_tr.shape[0]), {"epochs": ex.n_epochs, "seeds": "experts"})
     results["full_data_reference"] = train_reference(cfg, fm, x_tr, y_tr, ex.inits[:cfg.eval_seeds],
-                                                     jax.random.fold_in(key, 4), sets, n_classes)
+                                                     jax.random.fold_in(key, 4), sets, n_classes, store)
     # Every small set (distilled, random, herding, ...) chooses its lr on validation from the same candidates.
     cands = lr_candidates(cfg, lr)
     pools, info = small_sets(cfg, fm, ex, x_tr, y_tr, n_classes, x_syn, t_syn)
@@ -160,13 +192,13 @@ def train_every_setting(cfg: RunConfig, fm, ex: Experts, x_tr, y_tr, sets: dict,
 
 
 def train_other_model(cfg: RunConfig, fm_other, x_tr, y_tr, sets: dict, n_classes: int, pools: dict,
-                      cands: list[float], key) -> dict[str, eval_lib.Result]:
+                      cands: list[float], key, store: Path | None = None) -> dict[str, eval_lib.Result]:
     """Cross-architecture evaluation: a model family other than the one that guided the distillation,
     trained from its own random initialisations on every small set of :func:`small_sets` (the same
     sets, the same lr candidates) and on the full training split (its reference)."""
     inits = fm_other.init_many(jax.random.split(jax.random.fold_in(key, 7), cfg.eval_seeds))
     out = {"full_data_reference": train_reference(cfg, fm_other, x_tr, y_tr, inits, jax.random.fold_in(key, 8), sets,
-                                                  n_classes)}
+                                                  n_classes, store)}
     for k, (name, pairs) in enumerate(pools.items()):
         setting = f"{name}_random_init"
         out[setting] = _train_set(cfg, fm_other, setting, pairs, inits, jax.random.fold_in(key, 9 + k), sets,

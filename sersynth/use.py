@@ -282,7 +282,10 @@ def load_any_model(path: str):
     if path.endswith(".onnx"):
         from sersynth import edge
 
-        return edge.load(path)
+        try:
+            return edge.load(path)
+        except edge.EdgeError as e:             # onnxruntime missing
+            raise UseError(str(e)) from None
     return artifact.load_model(path)
 
 

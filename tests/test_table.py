@@ -52,6 +52,13 @@ def test_table_slice_resumes_and_writes_every_row(tmp_path):
     assert (w / "cnn6_ipc1" / "report.json").read_bytes() == first          # reused, not redone
     assert sorted(p.name for p in w.iterdir() if p.name.startswith("experts_")) == ["experts_cnn6", "experts_vgg15"]
     assert not (w / "cnn6_ipc1" / "experts").exists()                       # one set of experts per guide
+    # one full-data reference per (guide, trained model), trained in the first cell and reused by the second
+    for guide, other in (("cnn6", "vgg15"), ("vgg15", "cnn6")):
+        assert len(list((w / f"experts_{guide}").glob("reference_*.json"))) == 2
+        a, b = (json.loads((w / f"{guide}_ipc{k}" / "report.json").read_text()) for k in (1, 2))
+        assert a["results"]["full_data_reference"] == b["results"]["full_data_reference"]
+        assert a["other_models"][other]["results"]["full_data_reference"] == \
+            b["other_models"][other]["results"]["full_data_reference"]
     with open(w / "table.csv") as f:
         rows = list(csv.DictReader(f))
     # per guide and ipc: 7 methods on the guide (distilled from fixed and random inits), 6 on the other model
