@@ -96,3 +96,14 @@ def test_export_model_refusals(trained, tmp_path):
     (tmp_path / "junk.onnx").write_bytes(b"not onnx")
     proc = sersynth("predict", f"--model={tmp_path / 'junk.onnx'}", "a.wav")
     assert proc.returncode == 2 and "not a readable ONNX model" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_predict_names_a_missing_onnxruntime(trained, tmp_path):
+    _, m = trained
+    edge.export(m, tmp_path / "m.onnx")
+    code = "import sys\nsys.modules['onnxruntime'] = None\nfrom sersynth.cli import main\nmain(sys.argv)"
+    proc = subprocess.run([sys.executable, "-c", code, "predict", f"--model={tmp_path / 'm.onnx'}", "a.wav"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == ("error: onnxruntime is not installed: pip install "
+                                                    "'sersynth[edge]' (jax2onnx, onnx, onnxruntime)")
