@@ -72,9 +72,14 @@ def cell_configs(base: pipeline.RunConfig, guides: list[str], ipcs: list[int], e
     return out
 
 
-def run_cells(cells, first_stages: tuple[str, ...]) -> dict[tuple[str, int], dict]:
-    """Runs (or reuses) every cell; returns each cell's report."""
-    reports = {}
+def run_cells(cells, first_stages: tuple[str, ...]) -> tuple[dict[tuple[str, int], dict], dict[tuple[str, int], str]]:
+    """Runs (or reuses) every cell; returns each finished cell's report, and why the others failed.
+    A cell whose distillation or experts diverge (or that cannot run as asked) does not stop the
+    cells after it; running the command again retries it and reuses the rest."""
+    from sersynth.distill import DistillDiverged
+    from sersynth.experts import ExpertsDiverged
+
+    reports, failed = {}, {}
     for n, (g, ipc, cfg) in enumerate(cells):
         done = cfg.paths["report"]
         if done.is_file() and cfg.paths["config"].is_file() and read_json(cfg.paths["config"]) == cfg.to_json():
@@ -83,8 +88,14 @@ def run_cells(cells, first_stages: tuple[str, ...]) -> dict[tuple[str, int], dic
             continue
         stages = first_stages if n == 0 else tuple(s for s in first_stages if s != "prepare")
         logging.info("cell %d of %d: guide %s, ipc %d -> %s", n + 1, len(cells), g, ipc, cfg.workdir)
-        reports[(g, ipc)] = pipeline.run(dataclasses.replace(cfg, stages=stages))
-    return reports
+        try:
+            reports[(g, ipc)] = pipeline.run(dataclasses.replace(cfg, stages=stages))
+        except (DistillDiverged, ExpertsDiverged, pipeline.RunError) as e:
+            if not (cfg.paths["cache"] / "manifest.json").is_file():
+                raise                          # the cache every cell needs was not made
+            failed[(g, ipc)] = str(e)
+            logging.error("cell %s ipc %d failed (the other cells go on): %s", g, ipc, e)
+    return reports, failed
 
 
 def _paired_p(a: list[float], b: list[float]) -> float:
@@ -224,6 +235,8 @@ def plot(table: list[dict], guides: list[str], ipcs: list[int], evals: list[str]
 
 
 def main(argv) -> None:
+    from sersynth.distill import DistillDiverged
+
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     try:
@@ -242,18 +255,27 @@ def main(argv) -> None:
             lock_dir(base.workdir)
         except DirectoryLocked as e:
             raise pipeline.RunError(str(e)) from None
-        reports = run_cells(cells, base.stages)
+        reports, failed = run_cells(cells, base.stages)
         if any(r is None for r in reports.values()):
             logging.info("not every cell was evaluated (--stage): no table written")
             return
-        table = rows(cells, reports)
-        w = Path(base.workdir)
-        atomic_write_bytes(w / "table.csv", to_csv(table).encode())
-        md = markdown(table, guides, ipcs, evals, reports[(guides[0], ipcs[0])]["corpus"])
-        atomic_write_bytes(w / "table.md", md.encode())
-        plot(table, guides, ipcs, evals, w / "plots")
-        print(md)
-    except (pipeline.RunError, ValueError, FileNotFoundError, FileExistsError) as e:
+        if reports:
+            finished = [c for c in cells if (c[0], c[1]) in reports]
+            table = rows(finished, reports)
+            w = Path(base.workdir)
+            atomic_write_bytes(w / "table.csv", to_csv(table).encode())
+            md = markdown(table, guides, ipcs, evals, next(iter(reports.values()))["corpus"])
+            if failed:
+                md += "\nCells that failed (left out above; the same command retries them):\n\n" + "".join(
+                    f"- {g}, ipc {ipc}: {why}\n" for (g, ipc), why in failed.items())
+            atomic_write_bytes(w / "table.md", md.encode())
+            plot(table, guides, ipcs, evals, w / "plots")
+            print(md)
+        for (g, ipc), why in failed.items():
+            print(f"error: cell {g} ipc {ipc}: {why}", file=sys.stderr)
+        if failed:
+            sys.exit(1)
+    except (pipeline.RunError, ValueError, FileNotFoundError, FileExistsError, DistillDiverged) as e:
         logging.debug("table failed", exc_info=True)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -90,3 +90,27 @@ def test_table_refuses_bad_spans(tmp_path):
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 2 and "error: --eval_models: unknown cnn7" in err.strip().splitlines()[-1]
     assert not (tmp_path / "w").exists()
+
+
+def test_a_failed_cell_does_not_stop_the_others(tmp_path, monkeypatch):
+    """A cell whose distillation diverges is reported and skipped; the cells after it still run."""
+    from sersynth import pipeline, table
+    from sersynth.distill import DistillDiverged
+
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "manifest.json").write_text("{}")
+    base = pipeline.RunConfig(workdir=str(tmp_path), cache_dir=str(tmp_path / "cache"))
+    cells = table.cell_configs(base, ["cnn6", "resnet9"], [1, 5], ["cnn6"])
+    ran = []
+
+    def fake_run(cfg):
+        ran.append(Path(cfg.workdir).name)
+        if cfg.model["name"] == "resnet9" and cfg.distill.ipc == 1:
+            raise DistillDiverged("distillation loss became NaN/Inf by iteration 10")
+        return {"cell": Path(cfg.workdir).name}
+
+    monkeypatch.setattr(pipeline, "run", fake_run)
+    reports, failed = table.run_cells(cells, ("prepare", "experts", "distill", "evaluate"))
+    assert ran == ["cnn6_ipc1", "cnn6_ipc5", "resnet9_ipc1", "resnet9_ipc5"]
+    assert set(reports) == {("cnn6", 1), ("cnn6", 5), ("resnet9", 5)}
+    assert failed == {("resnet9", 1): "distillation loss became NaN/Inf by iteration 10"}
