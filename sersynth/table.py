@@ -258,8 +258,7 @@ def main(argv) -> None:
         reports, failed = run_cells(cells, base.stages)
         if any(r is None for r in reports.values()):
             logging.info("not every cell was evaluated (--stage): no table written")
-            return
-        if reports:
+        elif reports:
             finished = [c for c in cells if (c[0], c[1]) in reports]
             table = rows(finished, reports)
             w = Path(base.workdir)
