@@ -135,12 +135,18 @@ def train_model(ds: artifact.DistilledSet, spec, *, epochs: int = 0, lr: float =
     return artifact.TrainedModel(np.asarray(params[0], np.float32), ds.mel_mean, ds.mel_std, meta), info
 
 
+def _check_fits(m: artifact.TrainedModel, classes, shape: tuple, what: str) -> None:
+    """Refuses data (``what``: the flag and its value) whose classes or ``[frames, n_mels]`` are not the model's."""
+    f = m.meta["features"]
+    if list(classes) != m.classes or tuple(shape) != (f["frames"], f["n_mels"]):
+        raise UseError(f"{what}: its classes or features differ from the model's")
+
+
 def _cache_for(m: artifact.TrainedModel, cache_dir: str):
     from sersynth.data import cache as cache_lib
 
     fs = cache_lib.load(cache_dir)
-    if list(fs.classes) != m.classes or fs.x.shape[1:] != (m.meta["features"]["frames"], m.meta["features"]["n_mels"]):
-        raise UseError(f"--cache {cache_dir}: its classes or features differ from the model's")
+    _check_fits(m, fs.classes, fs.x.shape[1:], f"--cache {cache_dir}")
     return fs
 
 
@@ -249,20 +255,24 @@ def _required(*names: str) -> None:
         raise UseError(f"{', '.join(missing)} required")
 
 
-def main_export(argv) -> None:
+def _no_arguments_and(argv, *names: str, out_suffix: str = "", out_kind: str = "") -> None:
+    """The checks of a command that takes only flags: no positional arguments, the ``names`` given,
+    and (with ``out_suffix``) ``--out`` ending in it."""
     if len(argv) > 1:
         raise UseError(f"unexpected arguments: {' '.join(argv[1:])}")
-    _required("distilled", "out")
+    _required(*names)
+    if out_suffix and not F.out.endswith(out_suffix):
+        raise UseError(f"--out {F.out}: {out_kind} is written as {out_suffix}")
+
+
+def main_export(argv) -> None:
+    _no_arguments_and(argv, "distilled", "out")
     out = export(F.distilled, F.format, F.out)
     print(f"wrote {out} ({F.format})")
 
 
 def main_train(argv) -> None:
-    if len(argv) > 1:
-        raise UseError(f"unexpected arguments: {' '.join(argv[1:])}")
-    _required("distilled", "out")
-    if not F.out.endswith(".npz"):
-        raise UseError(f"--out {F.out}: a model file is written as .npz")
+    _no_arguments_and(argv, "distilled", "out", out_suffix=".npz", out_kind="a model file")
     ds = artifact.load_set(F.distilled)
     spec = model_spec(ds, F.model, F.width, F.width_mult)
     print(f"distilled set: {artifact.describe(ds.meta)}; {ds.x.shape[0]} samples")
@@ -331,11 +341,7 @@ def edge_agreement(m: artifact.TrainedModel, onnx_model, x_db: np.ndarray, y: np
 
 
 def main_export_model(argv) -> None:
-    if len(argv) > 1:
-        raise UseError(f"unexpected arguments: {' '.join(argv[1:])}")
-    _required("model", "out")
-    if not F.out.endswith(".onnx"):
-        raise UseError(f"--out {F.out}: an edge model is written as .onnx")
+    _no_arguments_and(argv, "model", "out", out_suffix=".onnx", out_kind="an edge model")
     from sersynth import edge
 
     m = artifact.load_model(F.model)
@@ -345,8 +351,7 @@ def main_export_model(argv) -> None:
         if not source:
             raise UseError("--int8: the model does not record its distilled set; name one with --distilled=SET")
         ds = artifact.load_set(source)
-        if ds.classes != m.classes or ds.x.shape[1:] != (m.meta["features"]["frames"], m.meta["features"]["n_mels"]):
-            raise UseError(f"--distilled {source}: its classes or features differ from the model's")
+        _check_fits(m, ds.classes, ds.x.shape[1:], f"--distilled {source}")
         calib = ds.x * ds.mel_std + ds.mel_mean
     t0 = time.perf_counter()
     try:
