@@ -221,7 +221,7 @@ def fit(fm: FlatModel, cfg: TrainConfig, x, targets, init: jax.Array, key: jax.A
     n = x.shape[0]
     batch = min(cfg.batch_size, n)
     lr = jnp.float32(cfg.lr if lr is None else lr)
-    tx, vunit, junit, perms = _compiled(fm, cfg, n, batch, parallel, epoch_mode)
+    tx, vunit, junit, plan = _compiled(fm, cfg, n, batch, parallel, epoch_mode)
     n_models = init.shape[0]
     model_keys = key if jnp.ndim(key) == 1 else jax.random.split(key, n_models)
     if parallel == "vmap":
@@ -233,6 +233,7 @@ def fit(fm: FlatModel, cfg: TrainConfig, x, targets, init: jax.Array, key: jax.A
             init, model_keys = jax.device_put(pad(jnp.asarray(init)), rows), pad(model_keys)
             x, targets = jax.device_put(x, every), jax.device_put(targets, every)
         run = lambda p, o, *a: vunit(p, o, x, targets, *a, lr)
+        run_step = lambda p, o, acc, idx, mask, s, kaug: vunit(p, o, acc, x, targets, idx, mask, s, kaug, lr)
         params, opt_state = init, jax.vmap(tx.init)(init)
     else:
         # this process's devices of the mesh (in a multi-host run each process trains every model)
@@ -242,29 +243,44 @@ def fit(fm: FlatModel, cfg: TrainConfig, x, targets, init: jax.Array, key: jax.A
         on = lambda i: devices[i % len(devices)]
         xs = {d: (x, targets) if d is None else (jax.device_put(x, d), jax.device_put(targets, d)) for d in devices}
 
+        def gather_losses(values):
+            # losses gathered on one device by asynchronous copies: no host sync per step
+            return jnp.stack([v if devices[0] is None else jax.device_put(v, devices[0]) for v in values])
+
         def run(p, o, *a):
             out = [junit(p[i], o[i], *xs[on(i)], *(v[i] for v in a), lr) for i in range(n_models)]
-            # losses gathered on one device by asynchronous copies: no host sync per step
-            return [r[0] for r in out], [r[1] for r in out], jnp.stack(
-                [r[2] if devices[0] is None else jax.device_put(r[2], devices[0]) for r in out])
+            return [r[0] for r in out], [r[1] for r in out], gather_losses([r[2] for r in out])
+
+        def run_step(p, o, acc, idx, mask, s, kaug):
+            # idx, mask, kaug: one entry per model, already split by the epoch plan (no slicing here)
+            out = [junit(p[i], o[i], acc[i], *xs[on(i)], idx[i], mask[i], s, kaug[i], lr) for i in range(n_models)]
+            return [r[0] for r in out], [r[1] for r in out], [r[2] for r in out]
 
         params = [init[i] if on(i) is None else jax.device_put(init[i], on(i)) for i in range(n_models)]
         opt_state = [tx.init(p) for p in params]
     traj = [dist.to_host(init).astype(np.float32)[:n_models]] if record else None
     losses = []
+    if epoch_mode == "host":
+        # device scalars made once: a Python int per call would be a host-to-device copy per step
+        step_ids = [jnp.int32(s_) for s_ in range(cfg.steps_per_epoch(n))]
+        zero = jnp.zeros(init.shape[0] if parallel == "vmap" else (), jnp.float32)
+        ekeys_of = plan
+        if parallel == "loop" and devices[0] is not None:
+            def ekeys_of(keys, e):                          # each model's plan on its own device
+                return [[jax.device_put(a, on(i)) for i, a in enumerate(part)] for part in plan(keys, e)]
     for e in tqdm(range(cfg.epochs), desc=desc, unit="epoch", disable=not progress, leave=False):
-        ekeys = jax.vmap(lambda k: jax.random.fold_in(k, e))(model_keys)
         if epoch_mode == "scan":
+            ekeys = jax.vmap(lambda k: jax.random.fold_in(k, e))(model_keys)
             params, opt_state, loss = run(params, opt_state, ekeys)
         else:
-            kperm, kaug = jnp.moveaxis(jax.vmap(jax.random.split)(ekeys), 1, 0)
-            idx, mask = perms(kperm)                                      # [S, steps, batch] each
-            step_losses = []
-            for s_ in range(idx.shape[1]):
-                skeys = jax.vmap(lambda k: jax.random.fold_in(k, s_))(kaug)
-                params, opt_state, l_ = run(params, opt_state, idx[:, s_], mask[:, s_], skeys)
-                step_losses.append(l_)
-            loss = jnp.mean(jnp.stack(step_losses), axis=0)
+            # one dispatch plans the epoch (batches and augmentation keys of every model), then one
+            # dispatch per model and step: on XLA CPU the per-step host work is what a host loop costs
+            idx, mask, kaug = ekeys_of(model_keys, e)
+            acc = zero if parallel == "vmap" else [zero if on(i) is None else jax.device_put(zero, on(i))
+                                                   for i in range(n_models)]
+            for s_ in step_ids:
+                params, opt_state, acc = run_step(params, opt_state, acc, idx, mask, s_, kaug)
+            loss = (acc if parallel == "vmap" else gather_losses(acc)) / len(step_ids)
         losses.append(loss[:n_models])
         if record:
             traj.append(_gather(params, parallel, n_models))
@@ -287,7 +303,7 @@ _COMPILED: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
 
 
 def _compiled(fm: FlatModel, cfg: TrainConfig, n: int, batch: int, parallel: str, epoch_mode: str) -> tuple:
-    """``(tx, vmapped unit, single unit, batch sampler)``, jitted once per model, config (lr and epochs
+    """``(tx, vmapped unit, single unit, epoch planner)``, jitted once per model, config (lr and epochs
     aside) and data size, so repeated fits (evaluation seeds, lr grids, validation during
     distillation) do not recompile. A small LRU keeps the most recent 16."""
     key = (id(fm), dataclasses.replace(cfg, lr=1.0, epochs=1), n, batch, parallel, epoch_mode)
@@ -298,15 +314,33 @@ def _compiled(fm: FlatModel, cfg: TrainConfig, n: int, batch: int, parallel: str
     steps = cfg.steps_per_epoch(n)
     tx = make_optimizer(cfg, steps, lr=1.0)
     step = make_step(fm, tx, cfg.augment)
-    unit = make_epoch(step, n, batch, steps) if epoch_mode == "scan" else step
-    in_axes = (0, 0, None, None, 0, None) if epoch_mode == "scan" else (0, 0, None, None, 0, 0, 0, None)
+    if epoch_mode == "scan":
+        unit, in_axes, plan = make_epoch(step, n, batch, steps), (0, 0, None, None, 0, None), None
+    else:
+        def unit(flat, opt_state, loss_sum, x, targets, idx, mask, s, kaug, lr):
+            # step ``s`` of the epoch planned by ``plan``; the same keys as the scanned epoch's step s
+            flat, opt_state, loss = step(flat, opt_state, x, targets, idx[s], mask[s], jax.random.fold_in(kaug, s), lr)
+            return flat, opt_state, loss_sum + loss
+
+        in_axes = (0, 0, 0, None, None, 0, 0, None, 0, None)
+
+        def epoch_plan(model_keys, e):
+            """``(idx, mask, kaug)`` of epoch ``e`` for every model: stacked ``[S, ...]`` for vmap,
+            per-model lists for a loop (separate buffers, so the loop needs no slicing dispatches)."""
+            ekeys = jax.vmap(lambda k: jax.random.fold_in(k, e))(model_keys)
+            kperm, kaug = jnp.moveaxis(jax.vmap(jax.random.split)(ekeys), 1, 0)
+            idx, mask = jax.vmap(lambda k: epoch_batches(k, n, batch, steps))(kperm)
+            if parallel == "vmap":
+                return idx, mask, kaug
+            return [list(a) for a in (idx, mask, kaug)]
+
+        plan = jax.jit(epoch_plan)
     vunit = jax.jit(jax.vmap(unit, in_axes=in_axes)) if parallel == "vmap" else None
     junit = jax.jit(unit) if parallel == "loop" else None
-    perms = jax.jit(jax.vmap(lambda k: epoch_batches(k, n, batch, steps)))
-    _COMPILED[key] = (fm, (tx, vunit, junit, perms))
+    _COMPILED[key] = (fm, (tx, vunit, junit, plan))
     while len(_COMPILED) > 16:
         _COMPILED.popitem(last=False)
-    return tx, vunit, junit, perms
+    return tx, vunit, junit, plan
 
 
 _FORWARD: "collections.OrderedDict[int, tuple]" = collections.OrderedDict()
