@@ -346,26 +346,40 @@ def _compiled(fm: FlatModel, cfg: TrainConfig, n: int, batch: int, parallel: str
 _FORWARD: "collections.OrderedDict[int, tuple]" = collections.OrderedDict()
 
 
-def logits(fm: FlatModel, params: jax.Array, x, chunk: int = 512) -> np.ndarray:
+def logits(fm: FlatModel, params: jax.Array, x, chunk: int = 512, parallel: str | None = None) -> np.ndarray:
     """Float32 logits ``[S, N, C]`` of ``S`` models ``params [S, P]`` on ``x [N, ...]``, in chunks.
 
-    The vmapped forward is jitted once per model (a small LRU, as for training steps), so repeated
-    scoring (evaluation seeds, validation during distillation, the privacy audit) does not recompile."""
+    ``parallel``: ``vmap`` (one program for all models) or ``loop`` (one model after another); by
+    default the measured choice of :func:`default_parallel`, as for training: on XLA CPU the vmapped
+    forward runs the models' convolutions as grouped convolutions, and scoring 84 quick-start experts'
+    epochs on 630 clips took 40.6 s vmapped against 7.9 s one model at a time. The forwards are jitted
+    once per model (a small LRU, as for training steps), so repeated scoring (evaluation seeds,
+    validation during distillation, the privacy audit) does not recompile."""
+    parallel = parallel or default_parallel(fm.n_params)
+    if parallel not in PARALLEL:
+        raise ValueError(f"parallel must be one of {PARALLEL}, got {parallel!r}")
     hit = _FORWARD.get(id(fm))
     if hit is None or hit[0] is not fm:
-        hit = (fm, jax.jit(jax.vmap(lambda p, xb: fm.apply(p, xb).astype(jnp.float32), in_axes=(0, None))))
+        one = lambda p, xb: fm.apply(p, xb).astype(jnp.float32)
+        hit = (fm, {"vmap": jax.jit(jax.vmap(one, in_axes=(0, None))), "loop": jax.jit(one)})
         _FORWARD[id(fm)] = hit
         while len(_FORWARD) > 16:
             _FORWARD.popitem(last=False)
     _FORWARD.move_to_end(id(fm))
+    forward = hit[1][parallel]
     x = np.asarray(x)
-    return np.concatenate([np.asarray(hit[1](params, jnp.asarray(x[i:i + chunk])))
-                           for i in range(0, x.shape[0], chunk)], axis=1)
+    chunks = [jnp.asarray(x[i:i + chunk]) for i in range(0, x.shape[0], chunk)]
+    if parallel == "vmap":
+        out = [forward(params, c) for c in chunks]                                  # [S, chunk, C] each
+    else:
+        models = list(jnp.asarray(params))                                          # asynchronous dispatch:
+        out = [jnp.stack([forward(p, c) for p in models]) for c in chunks]          # no sync until the end
+    return np.concatenate([np.asarray(o) for o in out], axis=1)
 
 
-def predict(fm: FlatModel, params: jax.Array, x, chunk: int = 512) -> np.ndarray:
+def predict(fm: FlatModel, params: jax.Array, x, chunk: int = 512, parallel: str | None = None) -> np.ndarray:
     """Class predictions ``[S, N]`` of ``S`` models ``params [S, P]`` on ``x [N, ...]``."""
-    return np.argmax(logits(fm, params, x, chunk), axis=-1)
+    return np.argmax(logits(fm, params, x, chunk, parallel), axis=-1)
 
 
 def confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
