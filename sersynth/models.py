@@ -21,6 +21,7 @@ instance norm does.)
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import flax.linen as nn
@@ -240,9 +241,16 @@ class FlatModel:
         dummy = jnp.zeros((1, *self.spec.input_shape), jnp.float32)
         return ravel_pytree(self.module.init(key, dummy)["params"])[0].astype(jnp.float32)
 
+    @functools.cached_property
+    def _jitted_init(self) -> Callable[[jax.Array], jax.Array]:
+        return jax.jit(self.init)
+
     def init_many(self, keys: jax.Array) -> jax.Array:
-        """``[len(keys), P]`` parameter vectors."""
-        return jax.vmap(self.init)(keys)
+        """``[len(keys), P]`` parameter vectors, the same as :meth:`init` of each key. One compiled
+        init called per key: an eager ``vmap`` of Flax's init took 12.6 s for four quick-start
+        ConvNets on XLA CPU (every op of the dummy forward dispatched on its own), a compiled
+        ``vmap`` 10.7 s (mostly compiling), this 2.9 s with its compilation, and 2 ms once compiled."""
+        return jnp.stack([self._jitted_init(k) for k in keys])
 
 
 def flat_model(spec: ModelSpec) -> FlatModel:

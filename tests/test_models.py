@@ -25,6 +25,9 @@ def test_models_shapes_and_flat_view(name, kw):
     tree = fm.module.init(jax.random.key(0), x[:1])["params"]
     np.testing.assert_allclose(ravel_pytree(tree)[0], flat)
     np.testing.assert_allclose(fm.module.apply({"params": tree}, x), logits, rtol=1e-5, atol=1e-5)
+    # several at once (compiled): each key's own init, in key order
+    keys = jax.random.split(jax.random.key(2), 3)
+    np.testing.assert_array_equal(fm.init_many(keys), np.stack([fm.init(k) for k in keys]))
 
 
 def test_paper_models_channel_counts():
