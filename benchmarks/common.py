@@ -69,7 +69,9 @@ def _fmt(v) -> str:
 
 
 def define_model_flags(flags_module, frames: int = 47, n_mels: int = 32) -> None:
-    """Model and input-shape flags shared by the benchmarks (defaults: the quick-start model)."""
+    """Model and input-shape flags shared by the benchmarks (defaults: the quick-start model at the
+    1.5 s clips, 47 frames, of the tables in benchmarks/RESULTS.md; today's quick-start clips are
+    1.0 s, ``--frames=32``)."""
     F = flags_module
     F.DEFINE_string("model", "convnet", "model family")
     F.DEFINE_integer("width", 16, "convnet width")
