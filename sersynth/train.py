@@ -353,9 +353,9 @@ def logits(fm: FlatModel, params: jax.Array, x, chunk: int = 512, parallel: str 
     default the measured choice of :func:`default_parallel`, as for training: on XLA CPU the vmapped
     forward runs the models' convolutions as grouped convolutions, and scoring 84 quick-start experts'
     epochs on 630 clips took 40.6 s vmapped against 10.8 s one model at a time, compilation included
-    in both. The forwards are jitted
-    once per model (a small LRU, as for training steps), so repeated scoring (evaluation seeds,
-    validation during distillation, the privacy audit) does not recompile."""
+    in both. The forwards are jitted once per model (a small LRU, as for training steps), so
+    repeated scoring (evaluation seeds, validation during distillation, the privacy audit) does not
+    recompile."""
     parallel = parallel or default_parallel(fm.n_params)
     if parallel not in PARALLEL:
         raise ValueError(f"parallel must be one of {PARALLEL}, got {parallel!r}")
