@@ -264,10 +264,16 @@ def fit(fm: FlatModel, cfg: TrainConfig, x, targets, init: jax.Array, key: jax.A
         # device scalars made once: a Python int per call would be a host-to-device copy per step
         step_ids = [jnp.int32(s_) for s_ in range(cfg.steps_per_epoch(n))]
         zero = jnp.zeros(init.shape[0] if parallel == "vmap" else (), jnp.float32)
-        ekeys_of = plan
-        if parallel == "loop" and devices[0] is not None:
-            def ekeys_of(keys, e):                          # each model's plan on its own device
-                return [[jax.device_put(a, on(i)) for i, a in enumerate(part)] for part in plan(keys, e)]
+        # the loss sums' starting values, on each model's device, made once (immutable, so reused)
+        acc0 = zero if parallel == "vmap" else [zero if on(i) is None else jax.device_put(zero, on(i))
+                                                for i in range(n_models)]
+
+        def plan_of(keys, e):
+            planned = plan(keys, e)
+            if parallel == "vmap" or devices[0] is None:
+                return planned
+            # on a mesh: each model's share of the plan on its own device
+            return [[jax.device_put(a, on(i)) for i, a in enumerate(part)] for part in planned]
     for e in tqdm(range(cfg.epochs), desc=desc, unit="epoch", disable=not progress, leave=False):
         if epoch_mode == "scan":
             ekeys = jax.vmap(lambda k: jax.random.fold_in(k, e))(model_keys)
@@ -275,9 +281,8 @@ def fit(fm: FlatModel, cfg: TrainConfig, x, targets, init: jax.Array, key: jax.A
         else:
             # one dispatch plans the epoch (batches and augmentation keys of every model), then one
             # dispatch per model and step: on XLA CPU the per-step host work is what a host loop costs
-            idx, mask, kaug = ekeys_of(model_keys, e)
-            acc = zero if parallel == "vmap" else [zero if on(i) is None else jax.device_put(zero, on(i))
-                                                   for i in range(n_models)]
+            idx, mask, kaug = plan_of(model_keys, e)
+            acc = acc0
             for s_ in step_ids:
                 params, opt_state, acc = run_step(params, opt_state, acc, idx, mask, s_, kaug)
             loss = (acc if parallel == "vmap" else gather_losses(acc)) / len(step_ids)

@@ -60,7 +60,6 @@ def test_parallel_and_epoch_modes_agree(toy_model):
         np.testing.assert_allclose(o, outs[0], rtol=2e-4, atol=2e-5)
 
 
-
 def test_scoring_models_vmapped_or_one_by_one_agree(toy_model):
     """``logits`` of several models: one vmapped program (accelerators) or one model after another
     (the CPU default), chunked over the data; each model's own logits either way, in model order."""
@@ -72,6 +71,7 @@ def test_scoring_models_vmapped_or_one_by_one_agree(toy_model):
                                    rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="parallel must be one of"):
         train.logits(toy_model, params, x, parallel="pmap")
+
 
 def test_train_config_validation():
     with pytest.raises(ValueError, match="--expert_optimizer must be sgd or adam"):
