@@ -76,6 +76,7 @@ class DistillConfig:
     lr_labels: float = 2.0          # SGD step on the label logits
     init: str = "real"              # real (random real samples of the class) | mix (means of init_mix) | noise
     init_mix: int = 8               # mix: real samples of the class averaged into each synthetic sample
+    init_noise: float = 0.0         # real, mix: Gaussian noise added to the start, std in units of each sample's spread
     augment: bool = False           # differentiable SpecAugment inside the inner loop
     remat: str = "nested"           # none | step | nested | auto (resolved by distill())
     segment: int = 0                # steps per checkpointed segment (nested); 0 = divisor nearest sqrt
@@ -96,6 +97,9 @@ class DistillConfig:
              f"--lr_min must be in (0, --lr_init={self.lr_init}), got {self.lr_min}"),
             (self.init in ("real", "mix", "noise"), f"--syn_init must be real, mix or noise, got {self.init!r}"),
             (self.init_mix >= 1, f"--syn_init_mix must be >= 1, got {self.init_mix}"),
+            (self.init_noise >= 0 and (self.init_noise == 0 or self.init != "noise"),
+             f"--syn_init_noise must be >= 0 and applies to --syn_init=real or mix, got {self.init_noise} "
+             f"with --syn_init={self.init}"),
             (self.remat in REMAT_CHOICES, f"--remat must be one of {', '.join(REMAT_CHOICES)}, got {self.remat!r}"),
             (self.segment >= 0 and self.unroll >= 0, "--remat_segment and --scan_unroll must be >= 0"),
             (not self.segment or self.syn_steps % self.segment == 0,
@@ -206,7 +210,8 @@ def init_state(cfg: DistillConfig, x_train: np.ndarray, y_train: np.ndarray, n_c
                key: jax.Array) -> DistillState:
     """Synthetic set of ``ipc`` per class: random real training samples of that class (``real``);
     the mean of ``init_mix`` of them, rescaled to their average spread (``mix``: no sample starts
-    as anyone's recording, see sersynth.privacy); or noise."""
+    as anyone's recording, see sersynth.privacy); or noise. With ``init_noise``, a real or mixed start
+    gets Gaussian noise of ``init_noise`` times its own spread added (its sources harder to recover)."""
     labels = np.repeat(np.arange(n_classes, dtype=np.int32), cfg.ipc)
     if cfg.init in ("real", "mix"):
         k = 1 if cfg.init == "real" else cfg.init_mix
@@ -218,6 +223,9 @@ def init_state(cfg: DistillConfig, x_train: np.ndarray, y_train: np.ndarray, n_c
             x = x.mean(axis=1)
             centre = x.mean(axis=(1, 2), keepdims=True)
             x = centre + (x - centre) * (spread / (x.std(axis=(1, 2)) + 1e-6))[:, None, None]
+        if cfg.init_noise > 0:
+            noise = np.asarray(jax.random.normal(jax.random.fold_in(key, 7_919), x.shape), np.float32)
+            x = x + cfg.init_noise * x.std(axis=(1, 2), keepdims=True) * noise
     else:
         x = np.asarray(jax.random.normal(key, (labels.size, *np.asarray(x_train).shape[1:])))
     lr0 = cfg.lr_init if cfg.lr_param == "raw" else math.log(cfg.lr_init)

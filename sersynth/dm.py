@@ -31,6 +31,7 @@ class DMConfig:
     batch_real: int = 64         # real clips per class per step
     init: str = "real"           # real | mix | noise, as --syn_init
     init_mix: int = 8
+    init_noise: float = 0.0
     augment: bool = True         # the same SpecAugment-style masks and shift as training, drawn per sample
 
     def validate(self) -> None:
@@ -57,8 +58,8 @@ def distill(fm: FlatModel, cfg: DMConfig, x_train: np.ndarray, y_train: np.ndarr
     """Runs DM; returns ``(x [C * ipc, frames, mels], labels [C * ipc], info)``."""
     cfg.validate()
     key = jax.random.key(seed)
-    init = distill_lib.init_state(distill_lib.DistillConfig(ipc=cfg.ipc, init=cfg.init, init_mix=cfg.init_mix),
-                                  x_train, y_train, n_classes, distill_lib.init_key(seed))
+    start = distill_lib.DistillConfig(ipc=cfg.ipc, init=cfg.init, init_mix=cfg.init_mix, init_noise=cfg.init_noise)
+    init = distill_lib.init_state(start, x_train, y_train, n_classes, distill_lib.init_key(seed))
     x_syn, labels = init.params["x"], np.asarray(init.labels)
     tx = optax.sgd(cfg.lr_img, momentum=cfg.momentum)
     opt_state = tx.init(x_syn)

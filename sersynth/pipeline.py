@@ -520,6 +520,7 @@ def stage_evaluate(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Exp
     if cfg.privacy_audit:
         x_hold = np.concatenate([sets["val"][0], sets["test"][0]])
         y_hold = np.concatenate([sets["val"][1], sets["test"][1]])
+        spk_hold = np.concatenate([fs.speaker[fs.split == cache_lib.SPLIT_CODES[s]] for s in ("val", "test")])
         dcfg = distill_lib.DistillConfig(**distilled["meta"]["distill"])
         audit = privacy.audit(fm, x_syn, x_tr, y_tr, x_hold, y_hold,
                               {"full_data": jnp.asarray(ex.params[:, -1], jnp.float32),
@@ -528,6 +529,7 @@ def stage_evaluate(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Exp
                               seed=cfg.seed, mel_std=fs.mel_std, labels=distilled["labels"],
                               sources=distill_lib.init_sources(dcfg, y_tr, n_classes, distill_lib.init_key(cfg.seed)),
                               speakers=_training_speakers(fs),
+                              unseen_speakers=~np.isin(spk_hold, fs.speaker[fs.split == cache_lib.SPLIT_CODES["train"]]),
                               same_speaker=(fs.x[fs.split == HELD_OUT], fs.y[fs.split == HELD_OUT]) if cfg.mia_holdout
                               else None)
 
@@ -576,6 +578,9 @@ def stage_evaluate(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Exp
         if si:
             summary.update({"speaker_id_check_accuracy": si["check_accuracy"],
                             "speaker_id_check_chance": si["check_chance"]})
+            if "nearness" in si:
+                summary.update({"speaker_id_nearness_auc": si["nearness"]["auc_synthetic_vs_unseen"],
+                                "speaker_id_check_nearness_auc": si["nearness"]["auc_check_vs_unseen"]})
             if "source_speaker_hit_rate" in si:
                 summary.update({"speaker_id_source_hit_rate": si["source_speaker_hit_rate"],
                                 "speaker_id_source_chance": si["source_speaker_chance"]})

@@ -135,7 +135,7 @@ def small_sets(cfg: RunConfig, fm, ex: Experts, x_tr, y_tr, n_classes: int, x_sy
         from sersynth import dm as dm_lib
 
         dmc = dataclasses.replace(cfg.dm, ipc=ipc, init=cfg.distill.init, init_mix=cfg.distill.init_mix,
-                                  augment=cfg.distill.augment)
+                                  init_noise=cfg.distill.init_noise, augment=cfg.distill.augment)
         x_dm, lab_dm, info["dm"] = dm_lib.distill(fm, dmc, x_tr, y_tr, n_classes, cfg.seed)
         out["dm"] = [(x_dm, train.one_hot(lab_dm, n_classes))]
     return out, info

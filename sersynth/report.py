@@ -167,33 +167,110 @@ def plot_folds(report: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
+def _distance_panel(ax, d: dict, what: str) -> None:
+    bins = np.linspace(0, max(max(d["synthetic"]), max(d["holdout"])) * 1.02, 40)
+    ax.hist(d["holdout"], bins, alpha=0.6, density=True, label="real clips never trained on")
+    ax.hist(d["synthetic"], bins, alpha=0.6, density=True, label="distilled samples")
+    ax.axvline(d["holdout_p1"], color="k", ls="--", lw=0.8, label="their 1st percentile: left of it = near-copy")
+    ax.set_title(f"distance to the closest training clip:\n{what}", fontsize=9)
+    ax.set(xlabel="RMS distance", ylabel="density")
+    ax.legend(fontsize=7)
+
+
+def _membership_panel(ax, audit: dict) -> None:
+    """Grouped bars: each attack (all members vs unseen speakers; vs held-out clips of the same
+    speakers; aimed at the initialisation clips) x each model stack, with each attack's no-leak
+    reference as a black tick."""
+    attacks = [(k, label) for k, label in (("membership_inference", "training clips vs\nunseen speakers"),
+                                           ("membership_same_speaker", "vs held-out clips\nof the same speakers"),
+                                           ("membership_init_sources", "init clips vs\nother training clips"))
+               if audit.get(k)]
+    names = list(audit["membership_inference"])
+    width = 0.8 / len(names)
+    for j, name in enumerate(names):
+        vals = [audit[k][name]["auc_mean"] for k, _ in attacks]
+        errs = [audit[k][name]["auc_std"] for k, _ in attacks]
+        ax.bar(np.arange(len(attacks)) + (j - (len(names) - 1) / 2) * width, vals, width, yerr=errs,
+               color=["tab:red", "tab:blue", "tab:cyan"][j % 3], label=name.replace("_", " "))
+    for i, (k, _) in enumerate(attacks):
+        if k == "membership_inference":   # models that never saw a real clip: speaker shift alone
+            ref = float(np.mean([audit[k][n]["auc_mean"] for n in names if n.startswith("distilled")] or [0.5]))
+        elif k == "membership_init_sources":   # both groups trained the full-data models
+            ref = audit[k]["full_data"]["auc_mean"] if "full_data" in audit[k] else 0.5
+        else:
+            ref = 0.5
+        ax.plot([i - 0.45, i + 0.45], [ref, ref], color="k", lw=1.5)
+    ax.set_xticks(range(len(attacks)), [label for _, label in attacks], fontsize=7)
+    ax.set_title("membership inference (loss threshold)\nblack: each attack's no-leak reference", fontsize=9)
+    ax.set(ylabel="attack AUC", ylim=(0.3, 1.0))
+    ax.legend(fontsize=7)
+
+
+def _source_panel(ax, sr: dict) -> None:
+    ax.hist(sr["auc_per_sample"], np.linspace(0, 1, 21), color="tab:purple", alpha=0.8)
+    ax.axvline(0.5, color="k", ls="--", lw=0.8, label="chance: sources cannot be told")
+    ax.set_title(f"recovering each sample's {sr['sources_per_sample']} initialisation clip(s)\nmean AUC "
+                 f"{sr['auc_mean']:.2f}; top-k right {sr['topk_hit_rate'] * 100:.0f}% "
+                 f"(chance {sr['topk_chance'] * 100:.0f}%)", fontsize=9)
+    ax.set(xlabel="AUC of the sources among the clips of the class", ylabel="distilled samples")
+    ax.legend(fontsize=7)
+
+
+def _speaker_panel(ax, si: dict) -> None:
+    title = (f"speaker classifier on the training clips\n(held-back clips: {si['check_accuracy'] * 100:.0f}% right, "
+             f"chance {si['check_chance'] * 100:.0f}%)")
+    if "source_speaker_hit_rate" in si:
+        title += (f"; names a source speaker for {si['source_speaker_hit_rate'] * 100:.0f}% "
+                  f"(chance {si['source_speaker_chance'] * 100:.0f}%)")
+    near = si.get("nearness")
+    if near:
+        every = np.concatenate([near["unseen"], near["check"], near["synthetic"]])
+        bins = np.linspace(every.min(), every.max(), 26)
+        ax.hist(near["unseen"], bins, alpha=0.5, density=True, label="voices it never heard")
+        ax.hist(near["check"], bins, alpha=0.5, density=True,
+                label=f"held-back clips of known voices (AUC {near['auc_check_vs_unseen']:.2f})")
+        ax.hist(near["synthetic"], bins, alpha=0.6, density=True,
+                label=f"distilled samples (AUC {near['auc_synthetic_vs_unseen']:.2f}; 0.5 = like strangers)")
+        ax.set(xlabel="nearness to the training voices (discriminant space)", ylabel="density")
+    else:      # no clips of unseen speakers (utterance protocol): its accuracies beside chance
+        bars = [("held-back clips", si["check_accuracy"], si["check_chance"])]
+        if "source_speaker_hit_rate" in si:
+            bars.append(("distilled: a source\nspeaker named", si["source_speaker_hit_rate"],
+                         si["source_speaker_chance"]))
+        ax.bar(range(len(bars)), [b[1] * 100 for b in bars], 0.6, color="tab:olive", label="measured")
+        for i, b in enumerate(bars):
+            ax.plot([i - 0.3, i + 0.3], [b[2] * 100] * 2, color="k", lw=1.5, label="chance" if i == 0 else None)
+        ax.set_xticks(range(len(bars)), [b[0] for b in bars], fontsize=7)
+        ax.set(ylabel="%", ylim=(0, 100))
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
+
+
 def plot_privacy(audit: dict, path: Path) -> Path:
-    """Histogram of distances to the closest training clip (synthetic vs unseen real speech) and the
-    membership-inference AUC of each model family."""
+    """The privacy audit in panels, each beside its no-leak reference: distances to the closest
+    training clip (plain, after undoing simple edits, to mixtures of two clips), membership
+    inference (every attack the audit ran), recovery of the initialisation clips and the speaker
+    classifier's view of the distilled samples (where the audit has them)."""
     plt = _plt()
-    panels = [(audit["dcr"], "plain (normalised log-Mel)")]
-    if "robust" in audit["dcr"]:
-        panels.append((audit["dcr"]["robust"], f"after undoing gain, shift, stretch ({audit['dcr']['robust']['units']})"))
-    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(5.5 * (len(panels) + 1), 3.4))
-    for ax, (d, what) in zip(axes, panels):
-        bins = np.linspace(0, max(max(d["synthetic"]), max(d["holdout"])) * 1.02, 40)
-        ax.hist(d["holdout"], bins, alpha=0.6, density=True, label="real clips never trained on")
-        ax.hist(d["synthetic"], bins, alpha=0.6, density=True, label="distilled samples")
-        ax.axvline(d["holdout_p1"], color="k", ls="--", lw=0.8, label="their 1st percentile: left of it = near-copy")
-        ax.set_title(f"distance to the closest training clip:\n{what}", fontsize=9)
-        ax.set(xlabel="RMS distance", ylabel="density")
-        ax.legend(fontsize=7)
-    mia = audit["membership_inference"]
-    names = list(mia)
-    axes[-1].bar(range(len(names)), [mia[n]["auc_mean"] for n in names], yerr=[mia[n]["auc_std"] for n in names],
-                 color=["tab:red", "tab:blue", "tab:cyan"][:len(names)])
-    ref = [mia[n]["auc_mean"] for n in names if n.startswith("distilled")]
-    if ref:
-        axes[-1].axhline(float(np.mean(ref)), color="k", ls="--", lw=0.8, label="no-leak reference: never saw a real clip")
-        axes[-1].legend(fontsize=7)
-    axes[-1].set_xticks(range(len(names)), [n.replace("_", " ") for n in names], fontsize=8, rotation=15)
-    axes[-1].set_title("membership inference\n(loss threshold)", fontsize=9)
-    axes[-1].set(ylabel="attack AUC (0.5: chance)", ylim=(0.3, 1.0))
+    d = audit["dcr"]
+    panels = [lambda ax: _distance_panel(ax, d, "plain (normalised log-Mel)")]
+    if "robust" in d:
+        panels.append(lambda ax: _distance_panel(ax, d["robust"],
+                                                 f"after undoing gain, shift, stretch ({d['robust']['units']})"))
+    if "mixture" in d:
+        panels.append(lambda ax: _distance_panel(ax, d["mixture"], "closest mixture of two training clips"))
+    panels.append(lambda ax: _membership_panel(ax, audit))
+    if audit.get("source_recovery", {}).get("n_samples"):
+        panels.append(lambda ax: _source_panel(ax, audit["source_recovery"]))
+    if audit.get("speaker_identity"):
+        panels.append(lambda ax: _speaker_panel(ax, audit["speaker_identity"]))
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.6 * cols, 3.8 * rows), squeeze=False)
+    for ax, draw in zip(axes.ravel(), panels):
+        draw(ax)
+    for ax in axes.ravel()[len(panels):]:
+        ax.axis("off")
     fig.tight_layout()
     return _save(fig, path)
 
@@ -210,12 +287,21 @@ def privacy_text(s: dict) -> str:
         out += (f" Initialisation sources recovered with AUC {s['source_recovery_auc']:.3f} (0.5 = chance), "
                 f"{s['source_recovery_topk_hit_rate'] * 100:.0f}% of top-k guesses right (chance "
                 f"{s['source_recovery_topk_chance'] * 100:.0f}%).")
-    if "speaker_id_source_hit_rate" in s:
+    if "speaker_id_check_accuracy" in s:
         out += (f" A speaker classifier trained on the training clips (right on "
                 f"{s['speaker_id_check_accuracy'] * 100:.0f}% of held-back clips of those speakers, chance "
-                f"{s['speaker_id_check_chance'] * 100:.0f}%) names one of a sample's initialisation speakers for "
-                f"{s['speaker_id_source_hit_rate'] * 100:.0f}% of distilled samples (chance "
-                f"{s['speaker_id_source_chance'] * 100:.0f}%).")
+                f"{s['speaker_id_check_chance'] * 100:.0f}%)")
+        said = []
+        if "speaker_id_source_hit_rate" in s:
+            said.append(f"names one of a sample's initialisation speakers for {s['speaker_id_source_hit_rate'] * 100:.0f}% "
+                        f"of distilled samples (chance {s['speaker_id_source_chance'] * 100:.0f}%)")
+        if "speaker_id_nearness_auc" in s:
+            said.append(f"places distilled samples nearer the training voices than voices it never heard with AUC "
+                        f"{s['speaker_id_nearness_auc']:.3f} (0.5 = no nearer than a stranger's; held-back clips of "
+                        f"the known voices, what this test can see: {s['speaker_id_check_nearness_auc']:.3f}"
+                        + ("; well below 0.5 the samples are unlike real speech there and the test says nothing "
+                           "about them" if s["speaker_id_nearness_auc"] < 0.4 else "") + ")")
+        out += " " + " and ".join(said) + "." if said else "."
     out += (f" Membership-inference AUC: full-data models {s['mia_auc_full_data']:.3f}, models trained on the "
             f"distilled set only {s['mia_auc_distilled']:.3f} (these never saw a real clip: their AUC is the "
             "no-leak reference, not 0.5, since members and non-members also differ in speakers).")

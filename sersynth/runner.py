@@ -86,6 +86,8 @@ flags.DEFINE_float("lr_labels", 2.0, "SGD step on the soft-label logits")
 flags.DEFINE_enum("syn_init", "real", ["real", "mix", "noise"],
                   "synthetic set initialisation: real clips (MTT), means of --syn_init_mix real clips, or noise")
 flags.DEFINE_integer("syn_init_mix", 8, "--syn_init=mix: real clips of the class averaged per synthetic sample")
+flags.DEFINE_float("syn_init_noise", 0.0, "--syn_init=real or mix: Gaussian noise added to each starting sample, std "
+                   "in units of the sample's own spread (its source clips become harder to recover)")
 flags.DEFINE_bool("syn_augment", True, "differentiable SpecAugment in the inner loop (and in evaluation)")
 flags.DEFINE_enum("remat", "auto", list(distill.REMAT_CHOICES),
                   "rematerialisation of the inner loop; auto: the fastest (none, step, nested) whose compiled step "
@@ -101,7 +103,7 @@ flags.DEFINE_bool("tune", False, "before distilling, try the settings of --tune_
                   "same experts, scored on validation speakers) and distil with the best; resumable")
 flags.DEFINE_string("tune_grid", "lr_img=100,300,1000;lr_init=0,0.01",
                     "--tune: name=v1,v2;name=v1,v2 over lr_img, lr_init, lr_lr, lr_min, syn_steps, expert_epochs, "
-                    "max_start_epoch, batch_syn, syn_init, syn_init_mix, syn_augment, learn_labels")
+                    "max_start_epoch, batch_syn, syn_init, syn_init_mix, syn_init_noise, syn_augment, learn_labels")
 flags.DEFINE_integer("tune_iterations", 0, "--tune: outer steps per trial (0: --iterations)")
 flags.DEFINE_integer("tune_trials", 0, "--tune: at most this many trials, a seeded sample of the grid (0: all)")
 flags.DEFINE_integer("eval_every", 0, "validate the synthetic set every N iterations and keep the best (0: keep the last)")
@@ -190,7 +192,7 @@ def config_from_flags() -> pipeline.RunConfig:
             batch_syn=F.batch_syn, iterations=F.iterations, lr_img=F.lr_img, momentum=F.outer_momentum,
             lr_init=F.lr_init, lr_lr=F.lr_lr, lr_param=F.lr_param, lr_min=F.lr_min, learn_labels=F.learn_labels,
             lr_labels=F.lr_labels, init=F.syn_init,
-            init_mix=F.syn_init_mix,
+            init_mix=F.syn_init_mix, init_noise=F.syn_init_noise,
             augment=F.syn_augment, remat=F.remat, segment=F.remat_segment, unroll=F.scan_unroll),
         mesh_devices=F.mesh_devices, eval_every=F.eval_every, checkpoint_every=F.checkpoint_every, log_every=F.log_every,
         eval_seeds=F.eval_seeds, eval_epochs=F.eval_epochs, eval_lr_grid=lr_grid, eval_optimizer=F.eval_optimizer,

@@ -225,3 +225,83 @@ def test_speaker_identity_names_the_voices_behind_copies_and_not_others(speech_c
     missed = privacy.speaker_identity(copies, y_tr[pick], x_tr, y_tr, spk_tr, sources=wrong)
     assert missed["source_speaker_hit_rate"] <= 0.25
     assert "source_speaker_hit_rate" not in privacy.speaker_identity(copies, y_tr[pick], x_tr, y_tr, spk_tr)
+
+
+def test_source_free_speaker_test_finds_known_voices_and_not_strangers():
+    # voices as long-term spectra: each clip is its speaker's profile + its emotion's + frame noise
+    rng = np.random.default_rng(11)
+    n_mels, frames = 16, 12
+    voice = rng.normal(size=(40, n_mels))
+    emotion = rng.normal(size=(3, n_mels))
+
+    def clips(speakers, per_speaker):
+        spk = np.repeat(speakers, per_speaker)
+        y = rng.integers(0, 3, spk.size)
+        x = voice[spk][:, None] + emotion[y][:, None] + 2.0 * rng.normal(size=(spk.size, frames, n_mels))
+        return x.astype(np.float32), y, spk
+
+    x_tr, y_tr, spk_tr = clips(np.arange(10), 12)                  # the training voices
+    x_un, y_un, _ = clips(np.arange(10, 25), 6)                      # the reference: voices never heard
+    known, y_known, _ = clips(np.arange(10), 3)                      # new clips of training voices: not copies
+    strangers, y_str, _ = clips(np.arange(25, 40), 2)                # other voices never heard
+    noise = rng.normal(size=(30, frames, n_mels)).astype(np.float32)
+    assert privacy.dcr(known, x_tr, x_un)["frac_synthetic_below_holdout_p1"] < 0.2   # no copy to find
+
+    def auc(x, y, **kw):
+        r = privacy.speaker_identity(x, y, x_tr, y_tr, spk_tr, x_unseen=x_un, y_unseen=y_un, **kw)
+        assert "source_speaker_hit_rate" not in r and r["nearness"]["n_unseen"] == len(x_un)
+        return r["nearness"]["auc_synthetic_vs_unseen"], r["nearness"]["auc_check_vs_unseen"]
+
+    leak, check = auc(known, y_known)
+    assert check > 0.8 and leak > 0.8                                 # a known voice is found without sources
+    assert abs(auc(strangers, y_str)[0] - 0.5) < 0.15                 # strangers are not
+    assert auc(noise, rng.integers(0, 3, 30))[0] < 0.6                 # noise carries no voice
+
+
+def test_privacy_plot_has_a_panel_for_every_test_the_audit_ran(tmp_path):
+    from sersynth import report
+
+    rng = np.random.default_rng(12)
+    dist = lambda: privacy._distances(rng.random(6) + 0.5, rng.random(40) + 0.4)      # noqa: E731
+    mia = {n: {"auc_mean": 0.5, "auc_std": 0.01} for n in ("full_data", "distilled_fixed_init")}
+    audit = {"dcr": {**dist(), "robust": {**dist(), "units": "dB"}, "mixture": dist()},
+             "membership_inference": mia, "membership_init_sources": mia,
+             "source_recovery": {"n_samples": 6, "auc_per_sample": rng.random(6).tolist(), "auc_mean": 0.6,
+                                 "topk_hit_rate": 0.2, "topk_chance": 0.1, "sources_per_sample": 8},
+             "speaker_identity": {"check_accuracy": 0.4, "check_chance": 0.1, "source_speaker_hit_rate": 0.5,
+                                  "source_speaker_chance": 0.3}}
+    drawn = []
+    real_save = report._save
+    report._save = lambda fig, path: drawn.append(sum(ax.axison for ax in fig.axes)) or real_save(fig, path)
+    try:
+        report.plot_privacy(audit, tmp_path / "a.png")              # no unseen speakers: accuracies as bars
+        near = {"auc_synthetic_vs_unseen": 0.5, "auc_check_vs_unseen": 0.6, "synthetic": [0.1, 0.2],
+                "unseen": [0.0, 0.3], "check": [0.2, 0.4]}
+        audit["speaker_identity"]["nearness"] = near
+        del audit["source_recovery"], audit["dcr"]["mixture"]
+        report.plot_privacy(audit, tmp_path / "b.png")
+    finally:
+        report._save = real_save
+    assert drawn == [6, 4]                                         # the panels drawn; spare ones are off
+    assert (tmp_path / "a.png").stat().st_size > 0 and (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_noise_added_to_the_start_hides_its_sources(speech):
+    from sersynth import distill
+
+    x_tr, y_tr, *_ = speech
+    key = distill.init_key(0)
+    found = {}
+    for init, noise in (("real", 0.0), ("real", 1.0), ("mix", 0.0), ("mix", 2.0), ("mix", 8.0)):
+        cfg = distill.DistillConfig(ipc=4, init=init, init_mix=4, init_noise=noise)
+        x0 = np.asarray(distill.init_state(cfg, x_tr, y_tr, 3, key).params["x"])
+        x_clean = np.asarray(distill.init_state(dataclasses.replace(cfg, init_noise=0.0), x_tr, y_tr, 3, key).params["x"])
+        added = x0 - x_clean                                           # the same sources, noise on top
+        assert np.std(added, axis=(1, 2)) == pytest.approx(noise * x_clean.std(axis=(1, 2)), rel=0.1, abs=1e-6)
+        sources = distill.init_sources(cfg, y_tr, 3, key)
+        found[init, noise] = privacy.source_recovery(x0, np.repeat(np.arange(3), 4), sources, x_tr, y_tr)["auc_mean"]
+    # a real clip stays recognisable under noise as strong as itself; a mixture's sources fade towards chance
+    assert found["real", 0.0] == found["real", 1.0] == 1.0
+    assert found["mix", 0.0] > found["mix", 2.0] > found["mix", 8.0] and found["mix", 8.0] < 0.75
+    with pytest.raises(ValueError, match="--syn_init_noise must be >= 0 and applies to --syn_init=real or mix"):
+        distill.DistillConfig(init="noise", init_noise=0.5).validate()

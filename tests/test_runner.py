@@ -88,6 +88,10 @@ def test_end_to_end_run_writes_every_artifact(finished_run):
     assert si["n_samples"] == 6 and 0 <= si["source_speaker_hit_rate"] <= 1
     assert report["summary"]["speaker_id_source_hit_rate"] == si["source_speaker_hit_rate"]
     assert "names one of a sample's initialisation speakers" in md
+    near = si["nearness"]                                      # source-free: against the val/test speakers
+    assert near["n_unseen"] == len(priv["dcr"]["holdout"])      # every val/test clip (all of them: a tiny corpus)
+    assert report["summary"]["speaker_id_nearness_auc"] == near["auc_synthetic_vs_unseen"]
+    assert "nearer the training voices than voices it never heard" in md
     for link in [p for p in report["artifacts"]["plots"] + report["artifacts"]["audio"]]:
         assert f"({link})" in md
     for rel in report["artifacts"]["plots"] + report["artifacts"]["audio"]:
