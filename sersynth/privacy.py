@@ -219,10 +219,17 @@ def _lda_fit(f: np.ndarray, y: np.ndarray, shrink: float = 0.1):
     return probs, classes, lambda fx: ((fx - mu) / sd) @ directions
 
 
-def _knn_distance(a: np.ndarray, b: np.ndarray, k: int) -> np.ndarray:
-    """Mean Euclidean distance of each row of ``a`` to its ``k`` nearest rows of ``b``."""
-    d = np.sqrt(np.maximum(((a[:, None, :] - b[None]) ** 2).sum(-1), 0.0))
-    return np.sort(d, axis=1)[:, :min(k, b.shape[0])].mean(1)
+def _knn_distance(a: np.ndarray, b: np.ndarray, k: int, chunk: int = 256) -> np.ndarray:
+    """Mean Euclidean distance of each row of ``a`` to its ``k`` nearest rows of ``b`` (``a`` in
+    chunks of rows: memory ``chunk x len(b)``)."""
+    k = min(k, b.shape[0])
+    bb = np.sum(b ** 2, axis=1)
+    out = np.empty(a.shape[0])
+    for s in range(0, a.shape[0], chunk):
+        block = a[s:s + chunk]
+        d = np.sqrt(np.maximum(np.sum(block ** 2, axis=1)[:, None] - 2.0 * block @ b.T + bb[None], 0.0))
+        out[s:s + chunk] = np.partition(d, k - 1, axis=1)[:, :k].mean(1)
+    return out
 
 
 def speaker_identity(x_syn: np.ndarray, labels_syn: np.ndarray, x_train: np.ndarray, y_train: np.ndarray,
