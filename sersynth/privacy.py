@@ -208,7 +208,7 @@ def _lda_fit(f: np.ndarray, y: np.ndarray, shrink: float = 0.1):
     # discriminant directions: the generalised eigenvectors of (between-class, within-class) scatter
     chol_inv = np.linalg.inv(np.linalg.cholesky(cov))
     between = np.cov((means - means.mean(0)).T, bias=True).reshape(z.shape[1], z.shape[1])
-    vals, vecs = np.linalg.eigh(chol_inv @ between @ chol_inv.T)
+    _, vecs = np.linalg.eigh(chol_inv @ between @ chol_inv.T)           # ascending eigenvalues
     directions = chol_inv.T @ vecs[:, ::-1][:, :max(classes.size - 1, 1)]
 
     def probs(fx):
