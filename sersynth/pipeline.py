@@ -521,6 +521,7 @@ def stage_evaluate(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Exp
         x_hold = np.concatenate([sets["val"][0], sets["test"][0]])
         y_hold = np.concatenate([sets["val"][1], sets["test"][1]])
         spk_hold = np.concatenate([fs.speaker[fs.split == cache_lib.SPLIT_CODES[s]] for s in ("val", "test")])
+        spk_train = _training_speakers(fs)
         dcfg = distill_lib.DistillConfig(**distilled["meta"]["distill"])
         audit = privacy.audit(fm, x_syn, x_tr, y_tr, x_hold, y_hold,
                               {"full_data": jnp.asarray(ex.params[:, -1], jnp.float32),
@@ -528,8 +529,8 @@ def stage_evaluate(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Exp
                                "distilled_random_init": results["distilled_random_init"].params},
                               seed=cfg.seed, mel_std=fs.mel_std, labels=distilled["labels"],
                               sources=distill_lib.init_sources(dcfg, y_tr, n_classes, distill_lib.init_key(cfg.seed)),
-                              speakers=_training_speakers(fs),
-                              unseen_speakers=~np.isin(spk_hold, fs.speaker[fs.split == cache_lib.SPLIT_CODES["train"]]),
+                              speakers=spk_train,
+                              unseen_speakers=None if spk_train is None else ~np.isin(spk_hold, spk_train),
                               same_speaker=(fs.x[fs.split == HELD_OUT], fs.y[fs.split == HELD_OUT]) if cfg.mia_holdout
                               else None)
 

@@ -29,6 +29,12 @@ from sersynth import train
 from sersynth.models import FlatModel
 
 
+def _sq_distances(block: np.ndarray, b: np.ndarray, bb: np.ndarray) -> np.ndarray:
+    """Squared Euclidean distances ``[len(block), len(b)]`` (``bb``: the float64 squared norms of
+    ``b``'s rows): products in the inputs' dtype (float32: BLAS speed), norms and sums in float64."""
+    return np.sum(block.astype(np.float64) ** 2, axis=1)[:, None] - 2.0 * (block @ b.T) + bb[None]
+
+
 def nearest(a: np.ndarray, b: np.ndarray, chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """For each row of ``a`` the RMS distance to its nearest row of ``b`` and that row's index."""
     a2 = np.asarray(a, np.float32).reshape(a.shape[0], -1)
@@ -37,8 +43,7 @@ def nearest(a: np.ndarray, b: np.ndarray, chunk: int = 256) -> tuple[np.ndarray,
     dist, idx = np.empty(a2.shape[0]), np.empty(a2.shape[0], np.int64)
     for s in range(0, a2.shape[0], chunk):
         block = a2[s:s + chunk]
-        # float32 products (BLAS speed), float64 sums: RMS error ~1e-4 for unit-scale features
-        d2 = np.sum(block.astype(np.float64) ** 2, axis=1)[:, None] - 2.0 * (block @ b2.T) + bb[None]
+        d2 = _sq_distances(block, b2, bb)          # RMS error ~1e-4 for unit-scale float32 features
         j = np.argmin(d2, axis=1)
         idx[s:s + chunk] = j
         dist[s:s + chunk] = np.sqrt(np.maximum(d2[np.arange(j.size), j], 0.0) / a2.shape[1])
@@ -223,11 +228,10 @@ def _knn_distance(a: np.ndarray, b: np.ndarray, k: int, chunk: int = 256) -> np.
     """Mean Euclidean distance of each row of ``a`` to its ``k`` nearest rows of ``b`` (``a`` in
     chunks of rows: memory ``chunk x len(b)``)."""
     k = min(k, b.shape[0])
-    bb = np.sum(b ** 2, axis=1)
+    bb = np.sum(np.asarray(b, np.float64) ** 2, axis=1)
     out = np.empty(a.shape[0])
     for s in range(0, a.shape[0], chunk):
-        block = a[s:s + chunk]
-        d = np.sqrt(np.maximum(np.sum(block ** 2, axis=1)[:, None] - 2.0 * block @ b.T + bb[None], 0.0))
+        d = np.sqrt(np.maximum(_sq_distances(a[s:s + chunk], b, bb), 0.0))
         out[s:s + chunk] = np.partition(d, k - 1, axis=1)[:, :k].mean(1)
     return out
 
@@ -273,8 +277,9 @@ def speaker_identity(x_syn: np.ndarray, labels_syn: np.ndarray, x_train: np.ndar
     check_acc = float(np.mean(classes[probs(f_train[check]).argmax(1)] == spk[check]))
     out = {"n_speakers": int(classes.size), "check_accuracy": check_acc, "check_chance": 1.0 / classes.size,
            "n_samples": int(len(x_syn))}
+    f_syn = centred(speaker_features(x_syn), labels_syn) if sources is not None or x_unseen is not None else None
     if sources is not None:
-        p_syn = probs(centred(speaker_features(x_syn), labels_syn))
+        p_syn = probs(f_syn)
         src_spk = [set(spk[np.asarray(row)].tolist()) for row in np.asarray(sources).reshape(len(x_syn), -1)]
         pred = classes[p_syn.argmax(1)]
         out["source_speaker_hit_rate"] = float(np.mean([pred[i] in src_spk[i] for i in range(len(pred))]))
@@ -282,7 +287,7 @@ def speaker_identity(x_syn: np.ndarray, labels_syn: np.ndarray, x_train: np.ndar
     if x_unseen is not None and len(x_unseen):
         known = project(f_train[~check])
         closeness = lambda f: -_knn_distance(project(f), known, k)      # noqa: E731
-        c_syn = closeness(centred(speaker_features(x_syn), labels_syn))
+        c_syn = closeness(f_syn)
         c_unseen = closeness(centred(speaker_features(x_unseen), y_unseen))
         c_check = closeness(f_train[check])
         p99 = float(np.percentile(c_unseen, 99))

@@ -258,7 +258,7 @@ def test_source_free_speaker_test_finds_known_voices_and_not_strangers():
     assert auc(noise, rng.integers(0, 3, 30))[0] < 0.6                 # noise carries no voice
 
 
-def test_privacy_plot_has_a_panel_for_every_test_the_audit_ran(tmp_path):
+def test_privacy_plot_has_a_panel_for_every_test_the_audit_ran(tmp_path, monkeypatch):
     from sersynth import report
 
     rng = np.random.default_rng(12)
@@ -272,16 +272,14 @@ def test_privacy_plot_has_a_panel_for_every_test_the_audit_ran(tmp_path):
                                   "source_speaker_chance": 0.3}}
     drawn = []
     real_save = report._save
-    report._save = lambda fig, path: drawn.append(sum(ax.axison for ax in fig.axes)) or real_save(fig, path)
-    try:
-        report.plot_privacy(audit, tmp_path / "a.png")              # no unseen speakers: accuracies as bars
-        near = {"auc_synthetic_vs_unseen": 0.5, "auc_check_vs_unseen": 0.6, "synthetic": [0.1, 0.2],
-                "unseen": [0.0, 0.3], "check": [0.2, 0.4]}
-        audit["speaker_identity"]["nearness"] = near
-        del audit["source_recovery"], audit["dcr"]["mixture"]
-        report.plot_privacy(audit, tmp_path / "b.png")
-    finally:
-        report._save = real_save
+    monkeypatch.setattr(report, "_save",
+                        lambda fig, path: drawn.append(sum(ax.axison for ax in fig.axes)) or real_save(fig, path))
+    report.plot_privacy(audit, tmp_path / "a.png")                  # no unseen speakers: accuracies as bars
+    near = {"auc_synthetic_vs_unseen": 0.5, "auc_check_vs_unseen": 0.6, "synthetic": [0.1, 0.2],
+            "unseen": [0.0, 0.3], "check": [0.2, 0.4]}
+    audit["speaker_identity"]["nearness"] = near
+    del audit["source_recovery"], audit["dcr"]["mixture"]
+    report.plot_privacy(audit, tmp_path / "b.png")
     assert drawn == [6, 4]                                         # the panels drawn; spare ones are off
     assert (tmp_path / "a.png").stat().st_size > 0 and (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
 
