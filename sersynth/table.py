@@ -192,6 +192,9 @@ def markdown(table: list[dict], guides: list[str], ipcs: list[int], evals: list[
     return "\n".join(lines)
 
 
+PLOTS = ("uar_vs_ipc.png", "cross_arch.png")
+
+
 def plot(table: list[dict], guides: list[str], ipcs: list[int], evals: list[str], out_dir: Path) -> list[Path]:
     from sersynth.report import _plt, _save
 
@@ -211,7 +214,7 @@ def plot(table: list[dict], guides: list[str], ipcs: list[int], evals: list[str]
                 ax.plot([k for k, _ in pts], [v for _, v in pts], marker="o", label=label)
         ax.set(xscale="log", xlabel="samples per class", ylabel="test UAR (%)", title=f"{e} trained, {g} guiding")
         ax.legend(fontsize=6)
-    paths = [_save(fig, out_dir / "uar_vs_ipc.png")]
+    paths = [_save(fig, out_dir / PLOTS[0])]
     fig, axes = plt.subplots(1, len(ipcs), figsize=(3.2 * len(ipcs) + 1, 3.0), squeeze=False)
     for ax, ipc in zip(axes[0], ipcs):
         m = np.full((len(guides), len(evals)), np.nan)
@@ -230,8 +233,30 @@ def plot(table: list[dict], guides: list[str], ipcs: list[int], evals: list[str]
         ax.set_yticks(range(len(guides)), guides, fontsize=7)
         ax.set(title=f"ipc {ipc}: test UAR", xlabel="trained", ylabel="guide")
         fig.colorbar(im, ax=ax, fraction=0.046)
-    paths.append(_save(fig, out_dir / "cross_arch.png"))
+    paths.append(_save(fig, out_dir / PLOTS[1]))
     return paths
+
+
+def write_outputs(w: Path, cells, reports: dict, failed: dict, guides: list[str], ipcs: list[int],
+                  evals: list[str], corpus: str) -> str:
+    """Writes table.csv, table.md and the plots from the finished cells and returns table.md.
+
+    Every output is rewritten, so none is left from an earlier sweep: with no finished cell table.csv
+    holds its header only, table.md lists the failures, and the plots are removed."""
+    finished = [c for c in cells if (c[0], c[1]) in reports]
+    table = rows(finished, reports)
+    atomic_write_bytes(w / "table.csv", to_csv(table).encode())
+    md = markdown(table, guides, ipcs, evals, next(iter(reports.values()))["corpus"] if reports else corpus)
+    if failed:
+        md += "\nCells that failed (left out above; the same command retries them):\n\n" + "".join(
+            f"- {g}, ipc {ipc}: {why}\n" for (g, ipc), why in failed.items())
+    atomic_write_bytes(w / "table.md", md.encode())
+    if table:
+        plot(table, guides, ipcs, evals, w / "plots")
+    else:
+        for name in PLOTS:
+            (w / "plots" / name).unlink(missing_ok=True)
+    return md
 
 
 def main(argv) -> None:
@@ -258,18 +283,8 @@ def main(argv) -> None:
         reports, failed = run_cells(cells, base.stages)
         if any(r is None for r in reports.values()):
             logging.info("not every cell was evaluated (--stage): no table written")
-        elif reports:
-            finished = [c for c in cells if (c[0], c[1]) in reports]
-            table = rows(finished, reports)
-            w = Path(base.workdir)
-            atomic_write_bytes(w / "table.csv", to_csv(table).encode())
-            md = markdown(table, guides, ipcs, evals, next(iter(reports.values()))["corpus"])
-            if failed:
-                md += "\nCells that failed (left out above; the same command retries them):\n\n" + "".join(
-                    f"- {g}, ipc {ipc}: {why}\n" for (g, ipc), why in failed.items())
-            atomic_write_bytes(w / "table.md", md.encode())
-            plot(table, guides, ipcs, evals, w / "plots")
-            print(md)
+        else:
+            print(write_outputs(Path(base.workdir), cells, reports, failed, guides, ipcs, evals, base.corpus))
         for (g, ipc), why in failed.items():
             print(f"error: cell {g} ipc {ipc}: {why}", file=sys.stderr)
         if failed:

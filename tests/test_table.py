@@ -114,3 +114,33 @@ def test_a_failed_cell_does_not_stop_the_others(tmp_path, monkeypatch):
     assert ran == ["cnn6_ipc1", "cnn6_ipc5", "resnet9_ipc1", "resnet9_ipc5"]
     assert set(reports) == {("cnn6", 1), ("cnn6", 5), ("resnet9", 5)}
     assert failed == {("resnet9", 1): "distillation loss became NaN/Inf by iteration 10"}
+
+
+def test_a_table_whose_every_cell_failed_leaves_nothing_from_an_earlier_one(tmp_path):
+    """The command itself (pipeline.run made to diverge): table.csv keeps only its header, table.md
+    lists the failures, and the earlier sweep's plots are gone; the exit status is 1."""
+    w = tmp_path / "w"
+    (w / "plots").mkdir(parents=True)
+    for name in ("table.csv", "table.md", "plots/uar_vs_ipc.png", "plots/cross_arch.png"):
+        (w / name).write_text("from an earlier sweep")
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "manifest.json").write_text("{}")
+    code = f"""
+import sys
+from sersynth import pipeline, table
+from sersynth.distill import DistillDiverged
+def diverge(cfg):
+    raise DistillDiverged("distillation loss became NaN/Inf by iteration 3")
+pipeline.run = diverge
+table.cli(["table", "--workdir={w}", "--cache_dir={tmp_path / 'cache'}", "--guide_models=cnn6",
+           "--eval_models=cnn6", "--ipcs=1,2", "--noprogress"])
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == "error: cell cnn6 ipc 2: distillation loss became NaN/Inf by iteration 3"
+    lines = (w / "table.csv").read_text().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("guide_model,eval_model,ipc,method")
+    md = (w / "table.md").read_text()
+    assert "- cnn6, ipc 1: distillation loss became NaN/Inf" in md and "from an earlier sweep" not in md
+    assert not list((w / "plots").iterdir())
