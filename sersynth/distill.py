@@ -51,6 +51,7 @@ from sersynth.train import augment, soft_cross_entropy
 REMAT = ("none", "step", "nested")
 REMAT_CHOICES = (*REMAT, "auto")
 LR_PARAMS = ("raw", "log")
+LABEL_INITS = ("onehot", "expert")
 
 
 class DistillDiverged(RuntimeError):
@@ -74,6 +75,7 @@ class DistillConfig:
     lr_min: float = 1e-6            # raw: floor that keeps the learned lr positive
     learn_labels: bool = False      # learnable soft labels
     lr_labels: float = 2.0          # SGD step on the label logits
+    label_init: str = "onehot"      # learned labels start as 5 x one-hot | the experts' logits (DATM)
     init: str = "real"              # real (random real samples of the class) | mix (means of init_mix) | noise
     init_mix: int = 8               # mix: real samples of the class averaged into each synthetic sample
     init_noise: float = 0.0         # real, mix: Gaussian noise added to the start, std in units of each sample's spread
@@ -97,6 +99,9 @@ class DistillConfig:
              f"--lr_min must be in (0, --lr_init={self.lr_init}), got {self.lr_min}"),
             (self.init in ("real", "mix", "noise"), f"--syn_init must be real, mix or noise, got {self.init!r}"),
             (self.init_mix >= 1, f"--syn_init_mix must be >= 1, got {self.init_mix}"),
+            (self.label_init in LABEL_INITS and (self.label_init == "onehot" or self.learn_labels),
+             f"--label_init must be one of {', '.join(LABEL_INITS)} (expert needs --learn_labels), "
+             f"got {self.label_init!r}" + ("" if self.learn_labels else " without --learn_labels")),
             (self.init_noise >= 0 and (self.init_noise == 0 or self.init != "noise"),
              f"--syn_init_noise must be >= 0 and applies to --syn_init=real or mix, got {self.init_noise} "
              f"with --syn_init={self.init}"),
@@ -204,6 +209,21 @@ def init_sources(cfg: DistillConfig, y_train: np.ndarray, n_classes: int, key: j
             chosen.append(np.stack([np.asarray(jax.random.choice(kk, pool, (k,), replace=pool.size < k))
                                     for kk in keys]))
     return np.concatenate(chosen)
+
+
+def expert_label_logits(fm: FlatModel, cfg: DistillConfig, trajectories: np.ndarray, x_syn: jax.Array,
+                        labels: jax.Array, n_classes: int) -> jax.Array:
+    """``[n_syn, C]`` starting logits of learned labels with ``label_init="expert"`` (DATM's soft
+    labels): the experts' mean logits on each starting sample at the farthest epoch the matching
+    reaches (``max_start_epoch - 1 + expert_epochs``). A sample the experts' mean misclassifies starts
+    from the one-hot logits instead, so every label still names its class first."""
+    epoch = cfg.max_start_epoch - 1 + cfg.expert_epochs
+    params = jnp.asarray(trajectories[:, epoch], jnp.float32)                       # [E, P]
+    x = jnp.asarray(x_syn, jnp.float32)
+    logits = jnp.mean(jax.lax.map(lambda p: fm.apply(p, x).astype(jnp.float32), params), axis=0)
+    onehot = 5.0 * jax.nn.one_hot(labels, n_classes, dtype=jnp.float32)
+    right = jnp.argmax(logits, axis=-1) == labels
+    return jnp.where(right[:, None], logits, onehot)
 
 
 def init_state(cfg: DistillConfig, x_train: np.ndarray, y_train: np.ndarray, n_classes: int,
@@ -468,7 +488,21 @@ def run_fingerprint(cfg: DistillConfig, *parts) -> str:
     """What a checkpoint was made from: the configuration (iterations and the remat policy aside:
     they change neither the steps nor their results) and ``parts`` (model, cache and experts)."""
     same = dataclasses.replace(cfg, iterations=0, remat="nested", segment=0, unroll=0)
-    return fingerprint([dataclasses.asdict(same), *parts])
+    return fingerprint([settings_json(same), *parts])
+
+
+# fields added after runs were made with their default behaviour: at that default they are left out of
+# the recorded settings, so a run made before a field existed is still the same run
+ADDED_LATER = {"label_init": "onehot"}
+
+
+def settings_json(cfg: DistillConfig) -> dict:
+    """``cfg`` as a dict for provenance and run identity (see :data:`ADDED_LATER`)."""
+    d = dataclasses.asdict(cfg)
+    for name, default in ADDED_LATER.items():
+        if d[name] == default:
+            d.pop(name)
+    return d
 
 
 def distill(fm: FlatModel, cfg: DistillConfig, trajectories: np.ndarray, x_train: np.ndarray, y_train: np.ndarray,
@@ -498,6 +532,10 @@ def distill(fm: FlatModel, cfg: DistillConfig, trajectories: np.ndarray, x_train
     donate = default_donate() if donate is None else donate
     root = jax.random.key(seed)
     state = init_state(cfg, x_train, y_train, n_classes, init_key(seed))
+    if cfg.label_init == "expert":
+        params = {**state.params, "y": expert_label_logits(fm, cfg, trajectories, state.params["x"], state.labels,
+                                                           n_classes)}
+        state = dataclasses.replace(state, params=params, opt_state=_tx(cfg, params).init(params))
     best, evaluations, seconds_before, t0 = snapshot(state), [], 0.0, time.perf_counter()
     ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
     best_path = ckpt.with_suffix(".best.npz") if ckpt is not None else None
@@ -516,12 +554,14 @@ def distill(fm: FlatModel, cfg: DistillConfig, trajectories: np.ndarray, x_train
     if mesh is not None:
         state = shard_state(state, mesh)
         trajectories = jax.device_put(trajectories, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-    if cfg.remat == "auto":
+    start = int(state.step)
+    if start >= cfg.iterations:                  # finished already (e.g. a tuning trial continued): nothing to compile
+        step_fn = None
+    elif cfg.remat == "auto":
         cfg, step_fn, tried = choose_remat(fm, cfg, n_classes, (state, trajectories, root), donate)
         logging.info("remat=auto chose %s (compiled step bytes tried: %s)", cfg.remat, tried)
     else:
         step_fn = jit_outer_step(fm, cfg, n_classes, donate)
-    start = int(state.step)
     pending = []
 
     def check_and_log(step_no: int):

@@ -114,6 +114,7 @@ class RunConfig:
             d.pop(volatile)
         if not d["mia_holdout"]:            # off, a run is the same run as before the option existed
             d.pop("mia_holdout")
+        d["distill"] = distill_lib.settings_json(self.distill)
         for key in ("cache_dir", "corpus_dir", "experts_dir"):
             d[key] = ",".join(str(Path(p).resolve()) for p in d[key].split(",")) if d[key] else ""
         return as_json(d)
@@ -385,6 +386,7 @@ def stage_distill(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Expe
         values = tuned["chosen"]
         logging.info("tune: chose %s (validation UAR %.3f of %d trials)", values, tuned["chosen_val_uar"],
                      len(tuned["trials"]))
+        continue_trial(dist_dir / "tune" / f"trial_{tuned['chosen_trial']:03d}", dist_dir)
     dcfg = distill_config(cfg, x.shape[0], values)
     if dcfg.lr_init != cfg.distill.lr_init:
         logging.info("--lr_init=0: starting the learned lr at %.4g", dcfg.lr_init)
@@ -415,6 +417,19 @@ def stage_distill(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Expe
     if evaluations and selected == 0:
         logging.warning(NOT_DISTILLED)
     return {**out, "meta": meta}
+
+
+def continue_trial(trial_dir: Path, dist_dir: Path) -> None:
+    """The final distillation continues the chosen tuning trial instead of starting again: with the
+    same settings, seed and experts it is the same run so far (the trial stopped at ``--tune_iterations``
+    or ran them all). Its checkpoints are copied into ``dist_dir`` unless a distillation is already
+    there; :func:`sersynth.distill.distill` resumes from them only when their provenance matches."""
+    if (dist_dir / "checkpoint.npz").exists() or not (trial_dir / "checkpoint.npz").is_file():
+        return
+    for name in ("checkpoint.best.npz", "checkpoint.npz"):       # the checkpoint last: it is what says resume
+        if (trial_dir / name).is_file():
+            atomic_write_bytes(dist_dir / name, (trial_dir / name).read_bytes())
+    logging.info("tune: the distillation continues trial %s", trial_dir.name)
 
 
 def tune_search(cfg: RunConfig, n_train: int, n_expert_epochs: int, distill_with, folder: Path) -> dict:

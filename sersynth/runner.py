@@ -83,6 +83,9 @@ flags.DEFINE_float("lr_init", 1e-3, "initial learnable inner lr (paper: 1e-3); 0
 flags.DEFINE_float("outer_momentum", 0.5, "momentum of the outer SGD optimisers")
 flags.DEFINE_bool("learn_labels", False, "learn soft labels too")
 flags.DEFINE_float("lr_labels", 2.0, "SGD step on the soft-label logits")
+flags.DEFINE_string("label_init", "onehot", "with --learn_labels, where the soft labels start: onehot (5 x one-hot "
+                    "logits) or expert (the experts' logits on each starting sample, DATM; one-hot where they "
+                    "misclassify it)")
 flags.DEFINE_enum("syn_init", "real", ["real", "mix", "noise"],
                   "synthetic set initialisation: real clips (MTT), means of --syn_init_mix real clips, or noise")
 flags.DEFINE_integer("syn_init_mix", 8, "--syn_init=mix: real clips of the class averaged per synthetic sample")
@@ -103,7 +106,7 @@ flags.DEFINE_bool("tune", False, "before distilling, try the settings of --tune_
                   "same experts, scored on validation speakers) and distil with the best; resumable")
 flags.DEFINE_string("tune_grid", "lr_img=100,300,1000;lr_init=0,0.01",
                     "--tune: name=v1,v2;name=v1,v2 over lr_img, lr_init, lr_lr, lr_min, syn_steps, expert_epochs, "
-                    "max_start_epoch, batch_syn, syn_init, syn_init_mix, syn_init_noise, syn_augment, learn_labels")
+                    "max_start_epoch, batch_syn, syn_init, syn_init_mix, syn_init_noise, syn_augment, learn_labels, label_init")
 flags.DEFINE_integer("tune_iterations", 0, "--tune: outer steps per trial (0: --iterations)")
 flags.DEFINE_integer("tune_trials", 0, "--tune: at most this many trials, a seeded sample of the grid (0: all)")
 flags.DEFINE_integer("eval_every", 0, "validate the synthetic set every N iterations and keep the best (0: keep the last)")
@@ -191,7 +194,7 @@ def config_from_flags() -> pipeline.RunConfig:
             ipc=F.ipc, syn_steps=F.syn_steps, expert_epochs=F.expert_epochs, max_start_epoch=F.max_start_epoch,
             batch_syn=F.batch_syn, iterations=F.iterations, lr_img=F.lr_img, momentum=F.outer_momentum,
             lr_init=F.lr_init, lr_lr=F.lr_lr, lr_param=F.lr_param, lr_min=F.lr_min, learn_labels=F.learn_labels,
-            lr_labels=F.lr_labels, init=F.syn_init,
+            lr_labels=F.lr_labels, label_init=F.label_init, init=F.syn_init,
             init_mix=F.syn_init_mix, init_noise=F.syn_init_noise,
             augment=F.syn_augment, remat=F.remat, segment=F.remat_segment, unroll=F.scan_unroll),
         mesh_devices=F.mesh_devices, eval_every=F.eval_every, checkpoint_every=F.checkpoint_every, log_every=F.log_every,

@@ -33,6 +33,7 @@ TUNABLE: dict[str, tuple[Callable[[str], object], str]] = {
     "max_start_epoch": (int, "max_start_epoch"), "batch_syn": (int, "batch_syn"),
     "init": (str, "syn_init"), "init_mix": (int, "syn_init_mix"), "init_noise": (float, "syn_init_noise"),
     "augment": (lambda v: _BOOL[v.lower()], "syn_augment"), "learn_labels": (lambda v: _BOOL[v.lower()], "learn_labels"),
+    "label_init": (str, "label_init"),
 }
 _BY_FLAG = {flag: field for field, (_, flag) in TUNABLE.items()}
 

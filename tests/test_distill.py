@@ -142,6 +142,8 @@ def test_resume_from_checkpoint_gives_the_same_result(setup, tmp_path):
     (dict(max_start_epoch=30, expert_epochs=3), 20, "the experts store 20"),
     (dict(syn_steps=10, segment=3), None, "must divide --syn_steps"),
     (dict(remat="all"), None, "--remat must be one of"),
+    (dict(label_init="expert"), None, "expert needs --learn_labels"),
+    (dict(learn_labels=True, label_init="teacher"), None, "--label_init must be one of onehot, expert"),
 ])
 def test_config_errors(kw, stored, message):
     with pytest.raises(ValueError, match=message):
@@ -311,3 +313,39 @@ def test_auto_lr_init_lets_the_student_cover_the_expert_segment():
     assert dataclasses.replace(cfg, lr_init=0.02).resolve_lr_init(0.03, "sgd", 0.0, 30).lr_init == 0.02
     with pytest.raises(ValueError, match="resolved"):
         distill.distill(None, cfg, np.zeros((1, 3, 4), np.float32), None, None, 2, 0)
+
+
+def test_expert_label_init_starts_from_the_experts_logits(setup):
+    """label_init=expert (DATM): the learned labels start as the experts' mean logits on each starting
+    sample at the farthest matched epoch; a sample they misclassify starts one-hot (5 x)."""
+    fm, x, y, traj = setup
+    cfg = distill.DistillConfig(ipc=4, syn_steps=2, expert_epochs=1, max_start_epoch=3, iterations=1,
+                                learn_labels=True, label_init="expert", lr_labels=0.0, lr_img=1e-9)
+    final, _, _ = distill.distill(fm, cfg, traj, x, y, 3, 0, progress=False)
+    start = distill.init_state(cfg, x, y, 3, distill.init_key(0))
+    logits = np.mean([np.asarray(fm.apply(jnp.asarray(traj[e, 3]), start.params["x"])) for e in range(2)], axis=0)
+    labels = np.asarray(start.labels)
+    right = logits.argmax(-1) == labels
+    assert right.sum() >= 6                                   # the toy experts know most of their classes
+    expected = np.where(right[:, None], logits, 5.0 * np.eye(3)[labels])
+    np.testing.assert_allclose(final.params["y"], expected, rtol=1e-5, atol=1e-5)
+    later = np.mean([np.asarray(fm.apply(jnp.asarray(traj[e, 6]), start.params["x"])) for e in range(2)], axis=0)
+    assert np.abs(later - logits).max() > 1e-3                # the epoch matters
+    # labels the experts disagree with start one-hot
+    wrong = np.roll(labels, 4)
+    y0 = np.asarray(distill.expert_label_logits(fm, cfg, traj, start.params["x"], jnp.asarray(wrong), 3))
+    miss = logits.argmax(-1) != wrong
+    assert miss.any()
+    np.testing.assert_allclose(y0[miss], 5.0 * np.eye(3)[wrong[miss]])
+    np.testing.assert_allclose(y0[~miss], logits[~miss], rtol=1e-5, atol=1e-5)
+
+
+def test_a_setting_added_later_at_its_default_leaves_older_runs_the_same():
+    """Runs and checkpoints made before label_init existed keep their identity: at its default it is
+    left out of the recorded settings; set otherwise it changes the provenance."""
+    cfg = distill.DistillConfig()
+    older = dataclasses.asdict(cfg)
+    older.pop("label_init")
+    assert distill.settings_json(cfg) == older
+    other = dataclasses.replace(cfg, learn_labels=True)
+    assert distill.run_fingerprint(other) != distill.run_fingerprint(dataclasses.replace(other, label_init="expert"))

@@ -66,6 +66,13 @@ def test_runner_tunes_on_validation_and_distils_with_the_choice(tmp_path):
     assert report["distill"]["lr_img"] == t["chosen"]["lr_img"]
     assert report["distill"]["syn_steps"] == t["chosen"]["syn_steps"]
     assert report["distill"]["iterations"] == 20                  # the final distillation runs in full
+    # ... continuing the chosen trial: it logs no iteration the trial ran, and its validation history starts
+    # with the trial's (iterations 0 and 4) before the run's own checks (10, 20)
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["iteration"] for r in rows if r.get("stage") == "distill" and "loss" in r]
+    assert steps and min(steps) > 4 and max(steps) == 20
+    meta = json.loads((workdir / "distill" / "meta.json").read_text())
+    assert [e["step"] for e in meta["evaluations"]] == [0, 4, 10, 20]
     assert len(list((workdir / "distill" / "tune").glob("trial_*.json"))) == 3
     assert "tune: 3 trials on validation chose" in proc.stdout
     assert "chosen on validation (`--tune`, 3 trials" in (workdir / "report.md").read_text()
