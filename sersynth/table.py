@@ -33,6 +33,8 @@ from sersynth.io import DirectoryLocked, atomic_write_bytes, lock_dir, read_json
 F = flags.FLAGS
 flags.DEFINE_list("guide_models", ["cnn6", "resnet9", "vgg15"], "models whose experts guide a distillation")
 flags.DEFINE_list("ipcs", ["1", "5", "10"], "synthetic samples per class, one distillation each")
+flags.DEFINE_string("guide_settings", "", "distillation settings of one guide's cells, e.g. "
+                    "'resnet9:lr_img=100;resnet9:lr_lr=1e-5' (any name --tune_grid takes)")
 
 # The paper's figures (Chang et al., Interspeech 2025; DEMoS, UAR %, validation / test)
 PAPER_FULL = {"cnn6": (88.8, 88.3), "resnet9": (74.6, 81.1), "vgg15": (86.8, 87.0)}
@@ -55,10 +57,36 @@ COLUMNS = ["guide_model", "eval_model", "ipc", "method", "n_samples", "fraction_
            "seeds", "p_vs_distilled", "run_dir"]
 
 
-def cell_configs(base: pipeline.RunConfig, guides: list[str], ipcs: list[int], evals: list[str]
-                 ) -> list[tuple[str, int, pipeline.RunConfig]]:
-    """One ordinary run per (guide, ipc), sharing the cache, the corpus and each guide's experts."""
+def parse_guide_settings(text: str) -> dict[str, dict]:
+    """``"resnet9:lr_img=100;resnet9:lr_lr=1e-5"`` -> ``{"resnet9": {"lr_img": 100.0, "lr_lr": 1e-05}}``:
+    DistillConfig values for one guide's cells (names as ``--tune_grid`` takes them). A model that
+    does not guide this sweep may be named (a flag file's settings for a guide left out apply to nothing)."""
+    from sersynth import tune
+    from sersynth.models import MODELS
+
+    guides = sorted(MODELS)
+
+    out: dict[str, dict] = {}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        guide, sep, setting = part.partition(":")
+        name, sep2, value = setting.partition("=")
+        found = tune.field_and_parser(name)
+        if not (sep and sep2) or guide.strip() not in guides or found is None:
+            raise ValueError(f"--guide_settings: cannot read {part!r}; write guide:name=value with a model "
+                             f"({', '.join(guides)}) and a name from {tune.names()}")
+        try:
+            out.setdefault(guide.strip(), {})[found[0]] = found[1](value.strip())
+        except (ValueError, KeyError):
+            raise ValueError(f"--guide_settings: bad value in {part!r}") from None
+    return out
+
+
+def cell_configs(base: pipeline.RunConfig, guides: list[str], ipcs: list[int], evals: list[str],
+                 settings: dict[str, dict] | None = None) -> list[tuple[str, int, pipeline.RunConfig]]:
+    """One ordinary run per (guide, ipc), sharing the cache, the corpus and each guide's experts;
+    ``settings[guide]`` replaces distillation settings in that guide's cells."""
     root = Path(base.workdir)
+    settings = settings or {}
     out = []
     for g in guides:
         for ipc in ipcs:
@@ -66,7 +94,7 @@ def cell_configs(base: pipeline.RunConfig, guides: list[str], ipcs: list[int], e
                 base, workdir=str(root / f"{g}_ipc{ipc}"), cache_dir=base.cache_dir or str(root / "cache"),
                 corpus_dir=base.corpus_dir or (str(root / "corpus") if base.corpus == "embedded" else ""),
                 experts_dir=str(root / f"experts_{g}"), model={**base.model, "name": g},
-                distill=dataclasses.replace(base.distill, ipc=ipc), eval_models=tuple(e for e in evals if e != g),
+                distill=dataclasses.replace(base.distill, **settings.get(g, {}), ipc=ipc), eval_models=tuple(e for e in evals if e != g),
                 baselines=("kcenter", "dm"), overwrite=False)
             out.append((g, ipc, cfg))
     return out
@@ -273,7 +301,7 @@ def main(argv) -> None:
         guides, evals = list(F.guide_models), list(F.eval_models) or list(F.guide_models)
         if not guides or not ipcs or min(ipcs) < 1:
             raise pipeline.RunError("--guide_models and --ipcs (each >= 1) must name at least one value")
-        cells = cell_configs(base, guides, ipcs, evals)
+        cells = cell_configs(base, guides, ipcs, evals, parse_guide_settings(F.guide_settings))
         for _, _, cfg in cells:
             cfg.validate()
         try:

@@ -52,8 +52,7 @@ class TuneConfig:
             raise ValueError("--tune needs --tune_grid, e.g. lr_img=100,300,1000;syn_steps=10,20")
         for name, values in self.grid:
             if name not in TUNABLE:
-                raise ValueError(f"--tune_grid: {name!r} cannot be tuned; choose from "
-                                 f"{', '.join(sorted(_BY_FLAG))}")
+                raise ValueError(f"--tune_grid: {name!r} cannot be tuned; choose from {names()}")
             if not values:
                 raise ValueError(f"--tune_grid: {name} has no values")
         if self.iterations < 0 or self.max_trials < 0:
@@ -73,6 +72,16 @@ class TuneConfig:
                 "max_trials": self.max_trials}
 
 
+def field_and_parser(name: str) -> tuple[str, Callable[[str], object]] | None:
+    """The DistillConfig field a tunable name (field or flag spelling) stands for, and its value parser."""
+    field = _BY_FLAG.get(name.strip(), name.strip())
+    return (field, TUNABLE[field][0]) if field in TUNABLE else None
+
+
+def names() -> str:
+    return ", ".join(sorted(_BY_FLAG))
+
+
 def parse_grid(text: str) -> tuple[tuple[str, tuple], ...]:
     """``"lr_img=100,300;syn_init=mix,real"`` -> ``(("lr_img", (100.0, 300.0)), ("init", ("mix", "real")))``.
 
@@ -80,12 +89,10 @@ def parse_grid(text: str) -> tuple[tuple[str, tuple], ...]:
     grid = []
     for part in filter(None, (p.strip() for p in text.split(";"))):
         name, sep, values = part.partition("=")
-        name = name.strip()
-        field = _BY_FLAG.get(name, name)
-        if not sep or field not in TUNABLE:
-            raise ValueError(f"--tune_grid: cannot read {part!r}; write name=v1,v2 with a name from "
-                             f"{', '.join(sorted(_BY_FLAG))}")
-        parse = TUNABLE[field][0]
+        found = field_and_parser(name)
+        if not sep or found is None:
+            raise ValueError(f"--tune_grid: cannot read {part!r}; write name=v1,v2 with a name from {names()}")
+        field, parse = found
         try:
             grid.append((field, tuple(parse(v.strip()) for v in values.split(",") if v.strip())))
         except (ValueError, KeyError):

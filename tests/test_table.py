@@ -89,6 +89,10 @@ def test_table_refuses_bad_spans(tmp_path):
     proc = _table(f"--workdir={tmp_path / 'w'}", "--eval_models=cnn7")
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 2 and "error: --eval_models: unknown cnn7" in err.strip().splitlines()[-1]
+    proc = _table(f"--workdir={tmp_path / 'w'}", "--guide_settings=resnet8:lr_img=100")     # no such model
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and err.strip().splitlines()[-1].startswith(
+        "error: --guide_settings: cannot read 'resnet8:lr_img=100'")
     assert not (tmp_path / "w").exists()
 
 
@@ -144,3 +148,19 @@ table.cli(["table", "--workdir={w}", "--cache_dir={tmp_path / 'cache'}", "--guid
     md = (w / "table.md").read_text()
     assert "- cnn6, ipc 1: distillation loss became NaN/Inf" in md and "from an earlier sweep" not in md
     assert not list((w / "plots").iterdir())
+
+
+def test_guide_settings_apply_to_that_guides_cells_only(tmp_path):
+    from sersynth import pipeline, table
+
+    settings = table.parse_guide_settings("resnet9:lr_img=100; resnet9:lr_lr=1e-5;cnn6:syn_augment=false")
+    assert settings == {"resnet9": {"lr_img": 100.0, "lr_lr": 1e-5}, "cnn6": {"augment": False}}
+    base = pipeline.RunConfig(workdir=str(tmp_path), distill=pipeline.distill_lib.DistillConfig(lr_img=300.0, augment=True))
+    cells = table.cell_configs(base, ["cnn6", "resnet9", "vgg15"], [1, 5], ["cnn6"], settings)
+    got = {(g, ipc): (c.distill.lr_img, c.distill.lr_lr, c.distill.augment, c.distill.ipc) for g, ipc, c in cells}
+    assert got[("resnet9", 1)] == (100.0, 1e-5, True, 1) and got[("resnet9", 5)] == (100.0, 1e-5, True, 5)
+    assert got[("cnn6", 5)] == (300.0, 1e-3, False, 5) and got[("vgg15", 1)] == (300.0, 1e-3, True, 1)
+    for bad, match in [("resnet9=lr_img=1", "cannot read"), ("resnet9:ipc=2", "cannot read"), ("cnn7:lr_img=1", "cannot read"),
+                       ("resnet9:lr_img=fast", "bad value")]:
+        with pytest.raises(ValueError, match=match):
+            table.parse_guide_settings(bad)
