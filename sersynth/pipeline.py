@@ -386,7 +386,8 @@ def stage_distill(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Expe
         values = tuned["chosen"]
         logging.info("tune: chose %s (validation UAR %.3f of %d trials)", values, tuned["chosen_val_uar"],
                      len(tuned["trials"]))
-        continue_trial(dist_dir / "tune" / f"trial_{tuned['chosen_trial']:03d}", dist_dir)
+        if (cfg.tune.iterations or cfg.distill.iterations) <= cfg.distill.iterations:   # not a longer trial
+            continue_trial(dist_dir / "tune" / f"trial_{tuned['chosen_trial']:03d}", dist_dir)
     dcfg = distill_config(cfg, x.shape[0], values)
     if dcfg.lr_init != cfg.distill.lr_init:
         logging.info("--lr_init=0: starting the learned lr at %.4g", dcfg.lr_init)

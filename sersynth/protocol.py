@@ -103,6 +103,7 @@ def train_reference(cfg: RunConfig, fm, x, y, inits, key, eval_sets: dict, n_cla
         path = Path(store) / f"reference_{tag}.json"
         if path.is_file():
             r = read_json(path, advice="delete it to train the reference again")
+            r["extra"] = {**r["extra"], "reused_from": path.name}    # its train_seconds were spent by an earlier run
             return eval_lib.Result(**{k: r[k] for k in ("name", "uar", "wa", "confusion", "train_seconds",
                                                         "n_train", "extra")})
     result = eval_lib.train_and_score("full_data_reference", fm, tc, x, train.one_hot(y, n_classes), inits, key,

@@ -327,7 +327,10 @@ def summary_table(report: dict) -> str:
         lines.append(f"{name:<26}{r['n_train']:>7}"
                      f"{r['val_uar_mean'] * 100:>10.1f} ± {r['val_uar_std'] * 100:<3.1f}"
                      f"{r['test_uar_mean'] * 100:>10.1f} ± {r['test_uar_std'] * 100:<3.1f}"
-                     f"{r['test_wa_mean'] * 100:>10.1f} ± {r['test_wa_std'] * 100:<3.1f}{r['train_seconds']:>9.1f}")
+                     f"{r['test_wa_mean'] * 100:>10.1f} ± {r['test_wa_std'] * 100:<3.1f}{r['train_seconds']:>9.1f}"
+                     + ("*" if r.get("extra", {}).get("reused_from") else ""))
+    if any(r.get("extra", {}).get("reused_from") for r in report["results"].values()):
+        lines.append("* trained by an earlier run sharing the experts folder and reused: its seconds were not spent here")
     s = report["summary"]
     if "n_folds" in report:
         lines.append(f"{report['protocol']}: {report['n_folds']} folds, seeds of every fold pooled")

@@ -56,9 +56,11 @@ def test_table_slice_resumes_and_writes_every_row(tmp_path):
     for guide, other in (("cnn6", "vgg15"), ("vgg15", "cnn6")):
         assert len(list((w / f"experts_{guide}").glob("reference_*.json"))) == 2
         a, b = (json.loads((w / f"{guide}_ipc{k}" / "report.json").read_text()) for k in (1, 2))
-        assert a["results"]["full_data_reference"] == b["results"]["full_data_reference"]
-        assert a["other_models"][other]["results"]["full_data_reference"] == \
-            b["other_models"][other]["results"]["full_data_reference"]
+        for ra, rb in ((a["results"], b["results"]), (a["other_models"][other]["results"],
+                                                      b["other_models"][other]["results"])):
+            ra, rb = ra["full_data_reference"], rb["full_data_reference"]
+            assert "reused_from" not in ra["extra"] and rb["extra"].pop("reused_from").startswith("reference_")
+            assert ra == rb
     with open(w / "table.csv") as f:
         rows = list(csv.DictReader(f))
     # per guide and ipc: 7 methods on the guide (distilled from fixed and random inits), 6 on the other model
@@ -78,6 +80,7 @@ def test_table_slice_resumes_and_writes_every_row(tmp_path):
     assert "## Cross-architecture, ipc 2" in md and "| guide \\ trained | cnn6 | vgg15 |" in md
     assert "88.8 / 88.3" in md                                                   # the paper's full data
     assert md.strip() in out
+    assert "* trained by an earlier run sharing the experts folder" in out      # the reused reference, flagged
     for name in ("uar_vs_ipc.png", "cross_arch.png"):
         assert (w / "plots" / name).stat().st_size > 0
 
