@@ -65,7 +65,6 @@ def parse_guide_settings(text: str) -> dict[str, dict]:
     from sersynth.models import MODELS
 
     guides = sorted(MODELS)
-
     out: dict[str, dict] = {}
     for part in filter(None, (p.strip() for p in text.split(";"))):
         guide, sep, setting = part.partition(":")
@@ -94,7 +93,8 @@ def cell_configs(base: pipeline.RunConfig, guides: list[str], ipcs: list[int], e
                 base, workdir=str(root / f"{g}_ipc{ipc}"), cache_dir=base.cache_dir or str(root / "cache"),
                 corpus_dir=base.corpus_dir or (str(root / "corpus") if base.corpus == "embedded" else ""),
                 experts_dir=str(root / f"experts_{g}"), model={**base.model, "name": g},
-                distill=dataclasses.replace(base.distill, **settings.get(g, {}), ipc=ipc), eval_models=tuple(e for e in evals if e != g),
+                distill=dataclasses.replace(base.distill, **settings.get(g, {}), ipc=ipc),
+                eval_models=tuple(e for e in evals if e != g),
                 baselines=("kcenter", "dm"), overwrite=False)
             out.append((g, ipc, cfg))
     return out
