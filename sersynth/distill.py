@@ -44,7 +44,7 @@ import numpy as np
 import optax
 
 from sersynth import dist
-from sersynth.io import atomic_save_npz, fingerprint, load_npz
+from sersynth.io import atomic_save_npz, fingerprint, load_npz, without_added_later
 from sersynth.models import FlatModel
 from sersynth.train import augment, soft_cross_entropy
 
@@ -498,11 +498,7 @@ ADDED_LATER = {"label_init": "onehot"}
 
 def settings_json(cfg: DistillConfig) -> dict:
     """``cfg`` as a dict for provenance and run identity (see :data:`ADDED_LATER`)."""
-    d = dataclasses.asdict(cfg)
-    for name, default in ADDED_LATER.items():
-        if d[name] == default:
-            d.pop(name)
-    return d
+    return without_added_later(dataclasses.asdict(cfg), ADDED_LATER)
 
 
 def distill(fm: FlatModel, cfg: DistillConfig, trajectories: np.ndarray, x_train: np.ndarray, y_train: np.ndarray,

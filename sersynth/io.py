@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import zipfile
 import zlib
@@ -56,6 +57,18 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n").encode())
+
+
+def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """``src`` copied to ``dst`` atomically, streamed (not read into memory whole)."""
+    with open(src, "rb") as f_in:
+        return _atomic(dst, lambda f: shutil.copyfileobj(f_in, f))
+
+
+def without_added_later(d: dict, added_later: Mapping[str, Any]) -> dict:
+    """``d`` without the settings added after runs were recorded, where they hold the value that
+    reproduces the older behaviour: a run recorded before a setting existed stays the same run."""
+    return {k: v for k, v in d.items() if not (k in added_later and v == added_later[k])}
 
 
 def atomic_save_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> Path:

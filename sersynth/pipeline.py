@@ -32,7 +32,8 @@ from sersynth import report as report_lib
 from sersynth import train
 from sersynth import tune as tune_lib
 from sersynth.data import cache as cache_lib
-from sersynth.io import DirectoryLocked, as_json, atomic_write_bytes, atomic_write_json, lock_dir, read_json
+from sersynth.io import (DirectoryLocked, as_json, atomic_copy, atomic_write_bytes, atomic_write_json, lock_dir,
+                         read_json, without_added_later)
 from sersynth.models import MODELS, ModelSpec, flat_model
 
 STAGES = ("prepare", "experts", "distill", "evaluate")
@@ -112,8 +113,7 @@ class RunConfig:
         d = dataclasses.asdict(self)
         for volatile in ("stages", "overwrite", "progress", "tensorboard", "fold", "workdir"):
             d.pop(volatile)
-        if not d["mia_holdout"]:            # off, a run is the same run as before the option existed
-            d.pop("mia_holdout")
+        d = without_added_later(d, {"mia_holdout": 0.0})     # off, a run is the same run as before it existed
         d["distill"] = distill_lib.settings_json(self.distill)
         for key in ("cache_dir", "corpus_dir", "experts_dir"):
             d[key] = ",".join(str(Path(p).resolve()) for p in d[key].split(",")) if d[key] else ""
@@ -386,7 +386,7 @@ def stage_distill(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Expe
         values = tuned["chosen"]
         logging.info("tune: chose %s (validation UAR %.3f of %d trials)", values, tuned["chosen_val_uar"],
                      len(tuned["trials"]))
-        if (cfg.tune.iterations or cfg.distill.iterations) <= cfg.distill.iterations:   # not a longer trial
+        if cfg.tune.iterations <= cfg.distill.iterations:       # not a longer trial (0: the run's own)
             continue_trial(dist_dir / "tune" / f"trial_{tuned['chosen_trial']:03d}", dist_dir)
     dcfg = distill_config(cfg, x.shape[0], values)
     if dcfg.lr_init != cfg.distill.lr_init:
@@ -429,7 +429,7 @@ def continue_trial(trial_dir: Path, dist_dir: Path) -> None:
         return
     for name in ("checkpoint.best.npz", "checkpoint.npz"):       # the checkpoint last: it is what says resume
         if (trial_dir / name).is_file():
-            atomic_write_bytes(dist_dir / name, (trial_dir / name).read_bytes())
+            atomic_copy(trial_dir / name, dist_dir / name)
     logging.info("tune: the distillation continues trial %s", trial_dir.name)
 
 

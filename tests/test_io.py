@@ -31,3 +31,11 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     with pytest.raises(RuntimeError):
         io._atomic(path, boom)
     assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_atomic_copy_streams_the_whole_file(tmp_path):
+    src = tmp_path / "src.bin"
+    data = np.random.default_rng(0).bytes(3 * 2**20 + 17)          # larger than copyfileobj's buffer
+    src.write_bytes(data)
+    dst = io.atomic_copy(src, tmp_path / "dst.bin")
+    assert dst.read_bytes() == data and sorted(p.name for p in tmp_path.iterdir()) == ["dst.bin", "src.bin"]
