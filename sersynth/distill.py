@@ -493,7 +493,7 @@ def run_fingerprint(cfg: DistillConfig, *parts) -> str:
 
 # fields added after runs were made with their default behaviour: at that default they are left out of
 # the recorded settings, so a run made before a field existed is still the same run
-ADDED_LATER = {"label_init": "onehot"}
+ADDED_LATER = {"label_init": "onehot", "init_noise": 0.0}
 
 
 def settings_json(cfg: DistillConfig) -> dict:

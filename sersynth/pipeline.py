@@ -48,6 +48,18 @@ class RunError(ValueError):
     """A run cannot start or continue as asked (one-line message for the user)."""
 
 
+def run_identity(recorded: dict) -> dict:
+    """A run's settings (``RunConfig.to_json()`` or a config.json written by any version) without the
+    settings added after runs were recorded, where they hold the value that reproduces the older
+    behaviour (``mia_holdout`` off; ``distill.ADDED_LATER`` in the distillation's and DM's settings):
+    a run recorded before or after a setting existed is the same run."""
+    d = without_added_later(recorded, {"mia_holdout": 0.0})
+    for part in ("distill", "dm"):
+        if isinstance(d.get(part), dict):
+            d[part] = without_added_later(d[part], distill_lib.ADDED_LATER)
+    return d
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     workdir: str
@@ -113,11 +125,9 @@ class RunConfig:
         d = dataclasses.asdict(self)
         for volatile in ("stages", "overwrite", "progress", "tensorboard", "fold", "workdir"):
             d.pop(volatile)
-        d = without_added_later(d, {"mia_holdout": 0.0})     # off, a run is the same run as before it existed
-        d["distill"] = distill_lib.settings_json(self.distill)
         for key in ("cache_dir", "corpus_dir", "experts_dir"):
             d[key] = ",".join(str(Path(p).resolve()) for p in d[key].split(",")) if d[key] else ""
-        return as_json(d)
+        return run_identity(as_json(d))
 
     def validate(self) -> None:
         bad = [s for s in self.stages if s not in STAGES]
@@ -290,7 +300,7 @@ def check_workdir(cfg: RunConfig) -> None:
             raise RunError(f"{p['config']} is not a sersynth run configuration; use another --workdir, or "
                            "--overwrite to start the run afresh")
         old.pop("workdir", None)            # recorded by earlier versions; a run may move
-        new = cfg.to_json()
+        old, new = run_identity(old), cfg.to_json()
         if old != new:
             diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             raise RunError(f"{cfg.workdir} holds a run with other settings (differ: {', '.join(diff)}); "

@@ -345,7 +345,15 @@ def test_a_setting_added_later_at_its_default_leaves_older_runs_the_same():
     left out of the recorded settings; set otherwise it changes the provenance."""
     cfg = distill.DistillConfig()
     older = dataclasses.asdict(cfg)
-    older.pop("label_init")
+    older.pop("label_init"), older.pop("init_noise")
     assert distill.settings_json(cfg) == older
+    # a run's recorded settings, written before those settings existed or after, are the same run
+    from sersynth import pipeline
+    run = pipeline.RunConfig(workdir="w")
+    recorded_then = {**run.to_json(), "distill": older}
+    recorded_since = {**run.to_json(), "distill": dataclasses.asdict(cfg), "mia_holdout": 0.0,
+                      "dm": {**run.to_json()["dm"], "init_noise": 0.0}}
+    assert pipeline.run_identity(recorded_then) == pipeline.run_identity(recorded_since) == run.to_json()
+    assert pipeline.run_identity({**recorded_since, "mia_holdout": 0.1}) != run.to_json()
     other = dataclasses.replace(cfg, learn_labels=True)
     assert distill.run_fingerprint(other) != distill.run_fingerprint(dataclasses.replace(other, label_init="expert"))
