@@ -44,6 +44,7 @@ import numpy as np
 import optax
 
 from sersynth import dist
+from sersynth.evaluate import herding
 from sersynth.io import atomic_save_npz, fingerprint, load_npz, without_added_later
 from sersynth.models import FlatModel
 from sersynth.train import augment, soft_cross_entropy
@@ -52,6 +53,8 @@ REMAT = ("none", "step", "nested")
 REMAT_CHOICES = (*REMAT, "auto")
 LR_PARAMS = ("raw", "log")
 LABEL_INITS = ("onehot", "expert")
+SOURCE_INITS = ("real", "herding", "mix")     # starts made from training clips (see init_sources)
+INITS = (*SOURCE_INITS, "noise")
 
 
 class DistillDiverged(RuntimeError):
@@ -76,9 +79,9 @@ class DistillConfig:
     learn_labels: bool = False      # learnable soft labels
     lr_labels: float = 2.0          # SGD step on the label logits
     label_init: str = "onehot"      # learned labels start as 5 x one-hot | the experts' logits (DATM)
-    init: str = "real"              # real (random real samples of the class) | mix (means of init_mix) | noise
+    init: str = "real"              # real (random real samples of the class) | herding (its herding coreset) | mix (means of init_mix) | noise
     init_mix: int = 8               # mix: real samples of the class averaged into each synthetic sample
-    init_noise: float = 0.0         # real, mix: Gaussian noise added to the start, std in units of each sample's spread
+    init_noise: float = 0.0         # real, herding, mix: Gaussian noise added to the start, std in units of each sample's spread
     augment: bool = False           # differentiable SpecAugment inside the inner loop
     remat: str = "nested"           # none | step | nested | auto (resolved by distill())
     segment: int = 0                # steps per checkpointed segment (nested); 0 = divisor nearest sqrt
@@ -97,13 +100,13 @@ class DistillConfig:
             (self.lr_param in LR_PARAMS, f"--lr_param must be raw or log, got {self.lr_param!r}"),
             (0 < self.lr_min and (self.lr_init == 0 or self.lr_min < self.lr_init),
              f"--lr_min must be in (0, --lr_init={self.lr_init}), got {self.lr_min}"),
-            (self.init in ("real", "mix", "noise"), f"--syn_init must be real, mix or noise, got {self.init!r}"),
+            (self.init in INITS, f"--syn_init must be one of {', '.join(INITS)}, got {self.init!r}"),
             (self.init_mix >= 1, f"--syn_init_mix must be >= 1, got {self.init_mix}"),
             (self.label_init in LABEL_INITS and (self.label_init == "onehot" or self.learn_labels),
              f"--label_init must be one of {', '.join(LABEL_INITS)} (expert needs --learn_labels), "
              f"got {self.label_init!r}" + ("" if self.learn_labels else " without --learn_labels")),
             (self.init_noise >= 0 and (self.init_noise == 0 or self.init != "noise"),
-             f"--syn_init_noise must be >= 0 and applies to --syn_init=real or mix, got {self.init_noise} "
+             f"--syn_init_noise must be >= 0 and applies to --syn_init={', '.join(SOURCE_INITS)}, got {self.init_noise} "
              f"with --syn_init={self.init}"),
             (self.remat in REMAT_CHOICES, f"--remat must be one of {', '.join(REMAT_CHOICES)}, got {self.remat!r}"),
             (self.segment >= 0 and self.unroll >= 0, "--remat_segment and --scan_unroll must be >= 0"),
@@ -190,19 +193,25 @@ def init_key(seed: int) -> jax.Array:
     return jax.random.fold_in(jax.random.key(seed), 1_000_003)
 
 
-def init_sources(cfg: DistillConfig, y_train: np.ndarray, n_classes: int, key: jax.Array) -> np.ndarray | None:
+def init_sources(cfg: DistillConfig, x_train: np.ndarray, y_train: np.ndarray, n_classes: int,
+                 key: jax.Array) -> np.ndarray | None:
     """``[n_syn, k]`` indices of the training clips each synthetic sample starts from (``real``: k = 1,
-    ``mix``: k = ``init_mix``); None for ``noise``. The privacy audit asks whether they can be told."""
-    if cfg.init not in ("real", "mix"):
+    random clips; ``herding``: k = 1, the herding coreset of each class, the clips the herding baseline
+    trains on; ``mix``: k = ``init_mix``); None for ``noise``. The privacy audit asks whether they can
+    be told."""
+    if cfg.init not in SOURCE_INITS:
         return None
-    k = 1 if cfg.init == "real" else cfg.init_mix
+    k = cfg.init_mix if cfg.init == "mix" else 1
     chosen = []
     for c in range(n_classes):
         pool = np.flatnonzero(np.asarray(y_train) == c)
         if pool.size == 0:
             raise ValueError(f"class {c} has no training samples to initialise the synthetic set from")
         kc = jax.random.fold_in(key, c)
-        if k == 1:
+        if cfg.init == "herding":       # a class with fewer clips than ipc repeats them
+            picked = pool[herding(np.asarray(x_train)[pool], cfg.ipc)]
+            chosen.append(np.resize(picked, cfg.ipc)[:, None])
+        elif k == 1:
             chosen.append(np.asarray(jax.random.choice(kc, pool, (cfg.ipc,), replace=pool.size < cfg.ipc))[:, None])
         else:
             keys = jax.random.split(kc, cfg.ipc)
@@ -229,13 +238,14 @@ def expert_label_logits(fm: FlatModel, cfg: DistillConfig, trajectories: np.ndar
 def init_state(cfg: DistillConfig, x_train: np.ndarray, y_train: np.ndarray, n_classes: int,
                key: jax.Array) -> DistillState:
     """Synthetic set of ``ipc`` per class: random real training samples of that class (``real``);
+    the class's herding coreset (``herding``: distillation starts where the herding baseline stands);
     the mean of ``init_mix`` of them, rescaled to their average spread (``mix``: no sample starts
-    as anyone's recording, see sersynth.privacy); or noise. With ``init_noise``, a real or mixed start
+    as anyone's recording, see sersynth.privacy); or noise. With ``init_noise``, a start from clips
     gets Gaussian noise of ``init_noise`` times its own spread added (its sources harder to recover)."""
     labels = np.repeat(np.arange(n_classes, dtype=np.int32), cfg.ipc)
-    if cfg.init in ("real", "mix"):
-        k = 1 if cfg.init == "real" else cfg.init_mix
-        idx = init_sources(cfg, y_train, n_classes, key)
+    if cfg.init in SOURCE_INITS:
+        k = cfg.init_mix if cfg.init == "mix" else 1
+        idx = init_sources(cfg, x_train, y_train, n_classes, key)
         idx = idx[:, 0] if k == 1 else idx                               # [n_syn] or [n_syn, k]
         x = np.asarray(x_train)[idx]
         if k > 1:

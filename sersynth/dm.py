@@ -29,7 +29,7 @@ class DMConfig:
     lr_img: float = 1.0          # SGD on the spectrograms (DM's default for images: 1.0, momentum 0.5)
     momentum: float = 0.5
     batch_real: int = 64         # real clips per class per step
-    init: str = "real"           # real | mix | noise, as --syn_init
+    init: str = "real"           # real | herding | mix | noise, as --syn_init
     init_mix: int = 8
     init_noise: float = 0.0
     augment: bool = True         # the same SpecAugment-style masks and shift as training, drawn per sample

@@ -86,10 +86,11 @@ flags.DEFINE_float("lr_labels", 2.0, "SGD step on the soft-label logits")
 flags.DEFINE_string("label_init", "onehot", "with --learn_labels, where the soft labels start: onehot (5 x one-hot "
                     "logits) or expert (the experts' logits on each starting sample, DATM; one-hot where they "
                     "misclassify it)")
-flags.DEFINE_enum("syn_init", "real", ["real", "mix", "noise"],
-                  "synthetic set initialisation: real clips (MTT), means of --syn_init_mix real clips, or noise")
+flags.DEFINE_enum("syn_init", "real", list(distill.INITS),
+                  "synthetic set initialisation: random real clips (MTT), the herding coreset's clips, means of "
+                  "--syn_init_mix real clips, or noise")
 flags.DEFINE_integer("syn_init_mix", 8, "--syn_init=mix: real clips of the class averaged per synthetic sample")
-flags.DEFINE_float("syn_init_noise", 0.0, "--syn_init=real or mix: Gaussian noise added to each starting sample, std "
+flags.DEFINE_float("syn_init_noise", 0.0, "--syn_init=real, herding or mix: Gaussian noise added to each starting sample, std "
                    "in units of the sample's own spread (its source clips become harder to recover)")
 flags.DEFINE_bool("syn_augment", True, "differentiable SpecAugment in the inner loop (and in evaluation)")
 flags.DEFINE_enum("remat", "auto", list(distill.REMAT_CHOICES),

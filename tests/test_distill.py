@@ -357,3 +357,24 @@ def test_a_setting_added_later_at_its_default_leaves_older_runs_the_same():
     assert pipeline.run_identity({**recorded_since, "mia_holdout": 0.1}) != run.to_json()
     other = dataclasses.replace(cfg, learn_labels=True)
     assert distill.run_fingerprint(other) != distill.run_fingerprint(dataclasses.replace(other, label_init="expert"))
+
+
+def test_herding_init_starts_from_the_herding_baselines_clips(setup):
+    """--syn_init=herding: each class starts as exactly the clips the herding baseline trains on, and the
+    distillation then moves them (its best state can only match or beat that baseline on validation)."""
+    from sersynth import evaluate
+
+    fm, x, y, traj = setup
+    cfg = distill.DistillConfig(ipc=4, init="herding", syn_steps=2, expert_epochs=1, max_start_epoch=3,
+                                iterations=2, lr_img=10.0)
+    start = distill.init_state(cfg, x, y, 3, distill.init_key(0))
+    baseline = evaluate.herding_subset(x, y, 4, 3)
+    np.testing.assert_array_equal(start.params["x"], x[baseline])
+    np.testing.assert_array_equal(start.labels, y[baseline])
+    np.testing.assert_array_equal(distill.init_sources(cfg, x, y, 3, distill.init_key(5))[:, 0], baseline)
+    final, _, _ = distill.distill(fm, cfg, traj, x, y, 3, 0, progress=False)
+    assert np.abs(np.asarray(final.params["x"]) - x[baseline]).max() > 1e-4
+    # a class with fewer clips than ipc repeats its herded clips
+    few = np.concatenate([np.flatnonzero(y == 0)[:2], np.flatnonzero(y != 0)])
+    short = distill.init_sources(dataclasses.replace(cfg, ipc=3), x[few], y[few], 3, distill.init_key(0))
+    assert short.shape == (9, 1) and (y[few][short[:3, 0]] == 0).all() and len(set(short[:3, 0])) == 2

@@ -179,7 +179,7 @@ def test_mix_initialisation_sources_are_recoverable_and_shuffled_ones_are_not(sp
     cfg = distill.DistillConfig(ipc=4, init="mix", init_mix=4)
     key = distill.init_key(0)
     state = distill.init_state(cfg, x_tr, y_tr, 3, key)
-    sources = distill.init_sources(cfg, y_tr, 3, key)
+    sources = distill.init_sources(cfg, x_tr, y_tr, 3, key)
     x0, labels = np.asarray(state.params["x"]), np.asarray(state.labels)
     assert sources.shape == (12, 4) and all((y_tr[sources[i]] == labels[i]).all() for i in range(12))
     leak = privacy.source_recovery(x0, labels, sources, x_tr, y_tr)
@@ -190,8 +190,8 @@ def test_mix_initialisation_sources_are_recoverable_and_shuffled_ones_are_not(sp
     wrong_leak = privacy.source_recovery(x0, labels, wrong, x_tr, y_tr)
     assert abs(wrong_leak["auc_mean"] - 0.5) < 0.2
     real = distill.DistillConfig(ipc=4, init="real")
-    assert distill.init_sources(real, y_tr, 3, key).shape == (12, 1)
-    assert distill.init_sources(distill.DistillConfig(ipc=4, init="noise"), y_tr, 3, key) is None
+    assert distill.init_sources(real, x_tr, y_tr, 3, key).shape == (12, 1)
+    assert distill.init_sources(distill.DistillConfig(ipc=4, init="noise"), x_tr, y_tr, 3, key) is None
 
 
 def test_membership_uses_equal_numbers():
@@ -296,10 +296,10 @@ def test_noise_added_to_the_start_hides_its_sources(speech):
         x_clean = np.asarray(distill.init_state(dataclasses.replace(cfg, init_noise=0.0), x_tr, y_tr, 3, key).params["x"])
         added = x0 - x_clean                                           # the same sources, noise on top
         assert np.std(added, axis=(1, 2)) == pytest.approx(noise * x_clean.std(axis=(1, 2)), rel=0.1, abs=1e-6)
-        sources = distill.init_sources(cfg, y_tr, 3, key)
+        sources = distill.init_sources(cfg, x_tr, y_tr, 3, key)
         found[init, noise] = privacy.source_recovery(x0, np.repeat(np.arange(3), 4), sources, x_tr, y_tr)["auc_mean"]
     # a real clip stays recognisable under noise as strong as itself; a mixture's sources fade towards chance
     assert found["real", 0.0] == found["real", 1.0] == 1.0
     assert found["mix", 0.0] > found["mix", 2.0] > found["mix", 8.0] and found["mix", 8.0] < 0.75
-    with pytest.raises(ValueError, match="--syn_init_noise must be >= 0 and applies to --syn_init=real or mix"):
+    with pytest.raises(ValueError, match="--syn_init_noise must be >= 0 and applies to --syn_init=real, herding, mix"):
         distill.DistillConfig(init="noise", init_noise=0.5).validate()
