@@ -37,6 +37,12 @@ from sersynth.io import (DirectoryLocked, as_json, atomic_copy, atomic_write_byt
 from sersynth.models import MODELS, ModelSpec, flat_model
 
 STAGES = ("prepare", "experts", "distill", "evaluate")
+# settings that change only how a distilled set is evaluated: a run directory re-evaluated under other
+# values (--stage=evaluate) keeps the earlier evaluation in EARLIER_EVALUATIONS
+EVALUATION_SETTINGS = ("eval_seeds", "eval_epochs", "eval_lr_grid", "eval_optimizer", "eval_batch_size",
+                       "eval_select_every", "eval_patience", "reference_epochs", "render_per_class",
+                       "privacy_audit", "baselines", "eval_models", "dm")
+EARLIER_EVALUATIONS = "earlier_evaluations"
 
 
 NOT_DISTILLED = ("validation preferred the starting set (iteration 0) to every distilled one: the 'distilled' "
@@ -303,8 +309,15 @@ def check_workdir(cfg: RunConfig) -> None:
         old, new = run_identity(old), cfg.to_json()
         if old != new:
             diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-            raise RunError(f"{cfg.workdir} holds a run with other settings (differ: {', '.join(diff)}); "
-                           "use another --workdir or --overwrite")
+            if set(cfg.stages) != {"evaluate"} or not set(diff) <= set(EVALUATION_SETTINGS):
+                raise RunError(f"{cfg.workdir} holds a run with other settings (differ: {', '.join(diff)}); "
+                               "use another --workdir or --overwrite"
+                               + ("" if set(diff) - set(EVALUATION_SETTINGS) else
+                                  " (or --stage=evaluate alone to re-evaluate its distilled set)"))
+            if dist.is_writer():
+                kept = keep_earlier_evaluation(cfg)
+                logging.info("re-evaluating with other evaluation settings (%s); the earlier evaluation is "
+                             "kept in %s", ", ".join(diff), kept)
         if p["report"].is_file() and "evaluate" in cfg.stages and set(cfg.stages) == set(STAGES):
             raise RunError(f"{cfg.workdir} holds a finished run (report.json); use --overwrite to redo it")
     if cfg.overwrite and dist.is_writer():
@@ -313,6 +326,21 @@ def check_workdir(cfg: RunConfig) -> None:
         for key in ("report", "metrics"):
             p[key].unlink(missing_ok=True)
     atomic_write_json(p["config"], cfg.to_json())
+
+
+def keep_earlier_evaluation(cfg: RunConfig) -> Path:
+    """Moves the run's evaluation outputs (report, plots, audio) with the config.json they were made
+    under into ``<workdir>/earlier_evaluations/<n>`` (n = 1, 2, ...) and returns that folder."""
+    p = cfg.paths
+    root = Path(cfg.workdir) / EARLIER_EVALUATIONS
+    n = 1 + max((int(d.name) for d in root.glob("*") if d.name.isdigit()), default=0)
+    dest = root / str(n)
+    dest.mkdir(parents=True)
+    atomic_copy(p["config"], dest / "config.json")
+    for path in (p["report"], Path(cfg.workdir) / "report.md", p["plots"], p["audio"]):
+        if path.exists():
+            path.replace(dest / path.name)
+    return dest
 
 
 def stage_prepare(cfg: RunConfig) -> cache_lib.FeatureSet:
@@ -554,7 +582,7 @@ def stage_evaluate(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Exp
                                "distilled_fixed_init": results["distilled_fixed_init"].params,
                                "distilled_random_init": results["distilled_random_init"].params},
                               seed=cfg.seed, mel_std=fs.mel_std, labels=distilled["labels"],
-                              sources=distill_lib.init_sources(dcfg, y_tr, n_classes, distill_lib.init_key(cfg.seed)),
+                              sources=distill_lib.init_sources(dcfg, x_tr, y_tr, n_classes, distill_lib.init_key(cfg.seed)),
                               speakers=spk_train,
                               unseen_speakers=None if spk_train is None else ~np.isin(spk_hold, spk_train),
                               same_speaker=(fs.x[fs.split == HELD_OUT], fs.y[fs.split == HELD_OUT]) if cfg.mia_holdout

@@ -200,6 +200,43 @@ def test_finished_or_different_runs_are_not_overwritten(finished_run):
     assert (workdir / "report.json").read_bytes() == before
 
 
+def test_a_distilled_set_is_re_evaluated_under_other_evaluation_settings(finished_run, tmp_path):
+    """`sersynth run --stage=evaluate` with other evaluation settings re-evaluates the run's distilled set
+    (no distillation again) and keeps the earlier evaluation; any other changed setting is still refused."""
+    import shutil
+
+    workdir = tmp_path / "run"
+    shutil.copytree(finished_run[0], workdir)
+    before = {name: (workdir / name).read_bytes() for name in ("report.json", "report.md", "config.json")}
+    distilled = (workdir / "distill" / "distilled.npz").read_bytes()
+    sersynth = Path(sys.executable).parent / "sersynth"
+
+    def run(*extra):
+        return subprocess.run([str(sersynth), "run", f"--workdir={workdir}", *TINY_FLAGS, *extra], cwd=ROOT,
+                              capture_output=True, text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+    proc = run("--stage=distill,evaluate", "--eval_seeds=3")
+    assert proc.returncode == 2 and "(or --stage=evaluate alone to re-evaluate its distilled set)" in proc.stderr
+    proc = run("--stage=evaluate", "--eval_seeds=3", "--ipc=3")
+    assert proc.returncode == 2 and "differ: distill, eval_seeds" in proc.stderr and "alone" not in proc.stderr
+    assert not (workdir / pipeline.EARLIER_EVALUATIONS).exists()
+    proc = run("--stage=evaluate", "--eval_seeds=3", "--eval_optimizer=mtt", "--baselines=")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    kept = workdir / pipeline.EARLIER_EVALUATIONS / "1"
+    assert {name: (kept / name).read_bytes() for name in before} == before
+    assert (kept / "plots").is_dir() and (kept / "audio").is_dir()
+    report = json.loads((workdir / "report.json").read_text())
+    assert len(report["results"]["distilled_random_init"]["uar"]["test"]) == 3
+    assert "kcenter_subset_fixed_init" not in report["results"]
+    assert (workdir / "distill" / "distilled.npz").read_bytes() == distilled
+    config = json.loads((workdir / "config.json").read_text())
+    assert (config["eval_seeds"], config["eval_optimizer"]) == (3, "mtt")
+    # once more with the first settings: a second earlier evaluation, and the run is the first one again
+    assert run("--stage=evaluate").returncode == 0
+    assert json.loads((workdir / pipeline.EARLIER_EVALUATIONS / "2" / "config.json").read_text()) == config
+    assert (workdir / "config.json").read_bytes() == before["config.json"]
+
+
 def test_experts_from_another_cache_are_refused(finished_run, tmp_path):
     workdir, _ = finished_run
     cfg_json = json.loads((workdir / "config.json").read_text())
