@@ -43,6 +43,9 @@ EVALUATION_SETTINGS = ("eval_seeds", "eval_epochs", "eval_lr_grid", "eval_optimi
                        "eval_select_every", "eval_patience", "reference_epochs", "render_per_class",
                        "privacy_audit", "baselines", "eval_models", "dm")
 EARLIER_EVALUATIONS = "earlier_evaluations"
+# those of them the distillation's own validation (which iteration is kept) trains with
+SELECTION_SETTINGS = ("eval_seeds", "eval_epochs", "eval_optimizer", "eval_batch_size", "eval_select_every",
+                      "eval_patience")
 
 
 NOT_DISTILLED = ("validation preferred the starting set (iteration 0) to every distilled one: the 'distilled' "
@@ -328,6 +331,12 @@ def check_workdir(cfg: RunConfig) -> None:
     atomic_write_json(p["config"], cfg.to_json())
 
 
+def selection_settings(cfg: RunConfig) -> dict:
+    """The evaluation settings the distillation's validation trains with (recorded in its meta.json)."""
+    d = cfg.to_json()
+    return {k: d[k] for k in SELECTION_SETTINGS}
+
+
 def keep_earlier_evaluation(cfg: RunConfig) -> Path:
     """Moves the run's evaluation outputs (report, plots, audio) with the config.json they were made
     under into ``<workdir>/earlier_evaluations/<n>`` (n = 1, 2, ...) and returns that folder."""
@@ -447,7 +456,8 @@ def stage_distill(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Expe
         {**made_from, "corpus": fs.manifest.get("corpus"), "fold": fs.manifest.get("fold") if fs.n_folds > 1 else None,
          "features": artifact.feature_settings(fs.manifest), "train": dataclasses.asdict(protocol.eval_config(cfg)),
          "eval_optimizer": cfg.eval_optimizer, "lr_for_training": protocol.syn_lr(cfg, float(out["lr"]))}))
-    meta = {**made_from, "evaluations": evaluations, "seconds": seconds, "lr_floor_iterations": int(final.n_lr_floor)}
+    meta = {**made_from, "evaluations": evaluations, "seconds": seconds, "lr_floor_iterations": int(final.n_lr_floor),
+            "selected_under": selection_settings(cfg)}
     if tuned is not None:
         meta["tune"] = tuned
     atomic_write_json(dist_dir / "meta.json", meta)
@@ -657,8 +667,14 @@ def stage_evaluate(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Exp
         report["membership_holdout"] = fs.manifest["membership_holdout"]
     if distilled["meta"].get("tune"):
         report["tune"] = distilled["meta"]["tune"]
-    if distilled["meta"].get("evaluations") and summary["selected_iteration"] == 0:
-        report["warnings"] = [NOT_DISTILLED]
+    warnings = [NOT_DISTILLED] if distilled["meta"].get("evaluations") and summary["selected_iteration"] == 0 else []
+    before = distilled["meta"].get("selected_under")          # recorded since re-evaluation exists
+    if before is not None and before != selection_settings(cfg):
+        changed = sorted(k for k in before if before[k] != selection_settings(cfg).get(k))
+        warnings.append(f"the distilled set's iteration was chosen on validation under other evaluation settings "
+                        f"({', '.join(f'{k}={before[k]}' for k in changed)}) than it is evaluated with here")
+    if warnings:
+        report["warnings"] = warnings
 
     p = cfg.paths
     rows = [json.loads(line) for line in p["metrics"].read_text().splitlines()] if p["metrics"].is_file() else []

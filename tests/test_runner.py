@@ -231,10 +231,15 @@ def test_a_distilled_set_is_re_evaluated_under_other_evaluation_settings(finishe
     assert (workdir / "distill" / "distilled.npz").read_bytes() == distilled
     config = json.loads((workdir / "config.json").read_text())
     assert (config["eval_seeds"], config["eval_optimizer"]) == (3, "mtt")
+    assert ("the distilled set's iteration was chosen on validation under other evaluation settings "
+            "(eval_optimizer=learned_sgd, eval_seeds=2) than it is evaluated with here") in report["warnings"]
+    assert "chosen on validation under other evaluation settings" in (workdir / "report.md").read_text()
     # once more with the first settings: a second earlier evaluation, and the run is the first one again
     assert run("--stage=evaluate").returncode == 0
     assert json.loads((workdir / pipeline.EARLIER_EVALUATIONS / "2" / "config.json").read_text()) == config
     assert (workdir / "config.json").read_bytes() == before["config.json"]
+    assert not any("other evaluation settings" in w for w in json.loads((workdir / "report.json").read_text())
+                   .get("warnings", []))
 
 
 def test_experts_from_another_cache_are_refused(finished_run, tmp_path):
