@@ -79,9 +79,10 @@ class DistillConfig:
     learn_labels: bool = False      # learnable soft labels
     lr_labels: float = 2.0          # SGD step on the label logits
     label_init: str = "onehot"      # learned labels start as 5 x one-hot | the experts' logits (DATM)
-    init: str = "real"              # real (random real samples of the class) | herding (its herding coreset) | mix (means of init_mix) | noise
+    init: str = "real"              # real (random real samples of the class) | herding (its herding coreset) |
+                                    # mix (means of init_mix) | noise
     init_mix: int = 8               # mix: real samples of the class averaged into each synthetic sample
-    init_noise: float = 0.0         # real, herding, mix: Gaussian noise added to the start, std in units of each sample's spread
+    init_noise: float = 0.0         # real, herding, mix: Gaussian noise added to the start (std: each sample's spread)
     augment: bool = False           # differentiable SpecAugment inside the inner loop
     remat: str = "nested"           # none | step | nested | auto (resolved by distill())
     segment: int = 0                # steps per checkpointed segment (nested); 0 = divisor nearest sqrt
@@ -106,7 +107,8 @@ class DistillConfig:
              f"--label_init must be one of {', '.join(LABEL_INITS)} (expert needs --learn_labels), "
              f"got {self.label_init!r}" + ("" if self.learn_labels else " without --learn_labels")),
             (self.init_noise >= 0 and (self.init_noise == 0 or self.init != "noise"),
-             f"--syn_init_noise must be >= 0 and applies to --syn_init={', '.join(SOURCE_INITS)}, got {self.init_noise} "
+             f"--syn_init_noise must be >= 0 and applies to --syn_init={', '.join(SOURCE_INITS)}, "
+             f"got {self.init_noise} "
              f"with --syn_init={self.init}"),
             (self.remat in REMAT_CHOICES, f"--remat must be one of {', '.join(REMAT_CHOICES)}, got {self.remat!r}"),
             (self.segment >= 0 and self.unroll >= 0, "--remat_segment and --scan_unroll must be >= 0"),

@@ -592,7 +592,8 @@ def stage_evaluate(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Exp
                                "distilled_fixed_init": results["distilled_fixed_init"].params,
                                "distilled_random_init": results["distilled_random_init"].params},
                               seed=cfg.seed, mel_std=fs.mel_std, labels=distilled["labels"],
-                              sources=distill_lib.init_sources(dcfg, x_tr, y_tr, n_classes, distill_lib.init_key(cfg.seed)),
+                              sources=distill_lib.init_sources(dcfg, x_tr, y_tr, n_classes,
+                                                               distill_lib.init_key(cfg.seed)),
                               speakers=spk_train,
                               unseen_speakers=None if spk_train is None else ~np.isin(spk_hold, spk_train),
                               same_speaker=(fs.x[fs.split == HELD_OUT], fs.y[fs.split == HELD_OUT]) if cfg.mia_holdout
