@@ -360,8 +360,8 @@ def test_a_setting_added_later_at_its_default_leaves_older_runs_the_same():
 
 
 def test_herding_init_starts_from_the_herding_baselines_clips(setup):
-    """--syn_init=herding: each class starts as exactly the clips the herding baseline trains on, and the
-    distillation then moves them (its best state can only match or beat that baseline on validation)."""
+    """--syn_init=herding: each class starts as exactly the clips the herding baseline trains on (a class
+    short of clips repeats them), and the distillation then moves them."""
     from sersynth import evaluate
 
     fm, x, y, traj = setup
