@@ -331,6 +331,13 @@ def check_workdir(cfg: RunConfig) -> None:
     atomic_write_json(p["config"], cfg.to_json())
 
 
+def evaluated_already(cfg: RunConfig) -> bool:
+    """Whether ``cfg.workdir`` holds a report made under ``cfg``'s settings (compared by
+    :func:`run_identity`, so one made before a setting existed counts): a fold or table cell to reuse."""
+    p = cfg.paths
+    return p["report"].is_file() and p["config"].is_file() and run_identity(read_json(p["config"])) == cfg.to_json()
+
+
 def selection_settings(cfg: RunConfig) -> dict:
     """The evaluation settings the distillation's validation trains with (recorded in its meta.json)."""
     d = cfg.to_json()
@@ -669,9 +676,9 @@ def stage_evaluate(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Exp
     if distilled["meta"].get("tune"):
         report["tune"] = distilled["meta"]["tune"]
     warnings = [NOT_DISTILLED] if distilled["meta"].get("evaluations") and summary["selected_iteration"] == 0 else []
-    before = distilled["meta"].get("selected_under")          # recorded since re-evaluation exists
-    if before is not None and before != selection_settings(cfg):
-        changed = sorted(k for k in before if before[k] != selection_settings(cfg).get(k))
+    before, now = distilled["meta"].get("selected_under"), selection_settings(cfg)   # None: made before recorded
+    if before is not None and before != now:
+        changed = sorted(k for k in before if before[k] != now.get(k))
         warnings.append(f"the distilled set's iteration was chosen on validation under other evaluation settings "
                         f"({', '.join(f'{k}={before[k]}' for k in changed)}) than it is evaluated with here")
     if warnings:
@@ -750,8 +757,7 @@ def _run(cfg: RunConfig, command: str | None) -> dict | None:
         sub = dataclasses.replace(cfg, workdir=str(Path(cfg.workdir) / f"fold{k}"), cache_dir=str(cfg.paths["cache"]),
                                   stages=stages, fold=k)
         done = sub.paths["report"]
-        if done.is_file() and "evaluate" in stages and not cfg.overwrite and sub.paths["config"].is_file() \
-                and read_json(sub.paths["config"]) == sub.to_json():
+        if "evaluate" in stages and not cfg.overwrite and evaluated_already(sub):
             logging.info("fold %d: evaluated already (%s), reused", k, done)
             reports[k] = read_json(done)
             continue

@@ -110,7 +110,7 @@ def run_cells(cells, first_stages: tuple[str, ...]) -> tuple[dict[tuple[str, int
     reports, failed = {}, {}
     for n, (g, ipc, cfg) in enumerate(cells):
         done = cfg.paths["report"]
-        if done.is_file() and cfg.paths["config"].is_file() and pipeline.run_identity(read_json(cfg.paths["config"])) == cfg.to_json():
+        if pipeline.evaluated_already(cfg):
             logging.info("cell %s ipc %d: finished already (%s), reused", g, ipc, done)
             reports[(g, ipc)] = read_json(done)
             continue
