@@ -1,22 +1,27 @@
 """Every accelerator figure of benchmarks/RESULTS.md from one command: one JSON and one markdown file.
 
     XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=. python -m benchmarks.suite --out=suite_gpu \
-        --cache_dir=CACHE          # a paper-sized feature cache prepared elsewhere (optional)
+        --cache_dir=CACHE --prepare   # prepare the paper-sized embedded corpus into CACHE first (needs librosa)
     python -m benchmarks.suite --scale=tiny --out=suite_cpu   # the same programme at tiny sizes (CPU check)
 
-Runs, each as its own process with its own time limit (a row that fails or runs out of time is
-recorded as such, the others still run):
-  1. the PyTorch reference ratio at the paper's input size (ConvNet width 128, 20 inner steps);
-  2. temporary memory and time vs syn_steps (nested remat);
-  3. training several models, loop vs vmap, at the quick-start's and the paper's sizes;
-  4. the paper-model outer step (CNN-6, ipc 150, batch 256) across remat policies and dtypes;
-  5. the paper pipeline end to end at reduced epochs and iterations on ``--cache_dir`` (the machine
-     needs no audio libraries: the cache is prepared elsewhere), its stage times from report.json.
+Runs, each as its own process with its own time limit, most wanted first (a row that fails or
+runs out of time is recorded as such, the others still run; rows that no longer fit
+``--budget_s`` are recorded as skipped; suite.json and suite.md are rewritten after every row,
+so a suite stopped from outside keeps the rows it finished; each row's output is in OUT/logs/):
+  0. with ``--prepare``: data prep of the paper-sized embedded corpus (~9.5k clips) into ``--cache_dir``;
+  1. the paper pipeline end to end at reduced epochs and iterations on ``--cache_dir`` (prepared by
+     row 0, or elsewhere: the distillation needs no audio libraries), its stage times from report.json;
+  2. the paper-model outer step (CNN-6, ipc 150, batch 256) across remat policies and dtypes;
+  3. training several models, loop vs vmap, at the paper's and the quick-start's sizes;
+  4. the PyTorch reference ratio at the paper's input size (ConvNet width 128, 20 inner steps);
+  5. temporary memory and time vs syn_steps (nested remat).
 Budgeted to fit 8 minutes on one H100 at ``--scale=paper``.
 """
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -30,14 +35,17 @@ from benchmarks.common import _fmt, environment
 flags.DEFINE_enum("scale", "paper", ["paper", "tiny"], "paper: the accelerator programme; tiny: a fast CPU check")
 flags.DEFINE_string("out", "suite", "folder for suite.json and suite.md")
 flags.DEFINE_string("cache_dir", "", "paper-sized feature cache for the end-to-end row ('' skips it)")
+flags.DEFINE_bool("prepare", False, "first prepare --cache_dir from the paper-sized embedded corpus, timed")
+flags.DEFINE_integer("budget_s", 480, "seconds for the whole suite: each row's limit is cut to what is left")
+flags.DEFINE_list("rows", [], "run only these rows (names as in suite.md; empty: all)")
 F = flags.FLAGS
 
 PAPER_IN = ["--frames=373", "--n_mels=64"]
 CNN6 = ["--model=cnn6", "--width_mult=1", *PAPER_IN]
 
 
-def programme(scale: str, cache_dir: str, workdir: Path) -> list[tuple[str, list[str], int]]:
-    """``(name, argv after python -m, time limit s)`` of each benchmark."""
+def programme(scale: str, cache_dir: str, workdir: Path, prepare: bool = False) -> list[tuple[str, list[str], int]]:
+    """``(name, argv after python -m, time limit s)`` of each benchmark, most wanted first."""
     if scale == "tiny":
         small = ["--frames=24", "--n_mels=16", "--width=8", "--depth=2", "--repeats=1"]
         rows = [("reference_torch", ["benchmarks.reference_torch", *small, "--ipc=1", "--syn_steps=4",
@@ -54,40 +62,60 @@ def programme(scale: str, cache_dir: str, workdir: Path) -> list[tuple[str, list
                      "--syn_steps=2", "--expert_epochs=1", "--max_start_epoch=2", "--eval_epochs=3",
                      "--eval_seeds=2", "--batch_syn=0", "--noprivacy_audit", "--render_per_class=1"]
     else:
-        rows = [("reference_torch", ["benchmarks.reference_torch", *PAPER_IN, "--width=128", "--depth=3", "--ipc=1",
-                                     "--syn_steps=20", "--unroll=1", "--remat=none,nested", "--repeats=3"], 90),
-                ("memory_vs_syn_steps", ["benchmarks.memory_vs_syn_steps", *PAPER_IN, "--width=128", "--depth=3",
-                                         "--ipc=1", "--syn_steps=20,80", "--remat=nested", "--unroll=1",
-                                         "--repeats=2"], 75),
-                ("experts_small", ["benchmarks.experts", "--variants=loop/scan,vmap/scan"], 45),
-                ("experts_paper", ["benchmarks.experts", *CNN6, "--n=1024", "--n_models=5", "--batch_size=32",
-                                   "--epochs=1", "--variants=loop/scan,vmap/scan"], 90),
-                ("distill_step_f32", ["benchmarks.distill_step", *CNN6, "--ipc=150", "--batch_syn=256",
+        rows = [("distill_step_f32", ["benchmarks.distill_step", *CNN6, "--ipc=150", "--batch_syn=256",
                                       "--syn_steps=20", "--unroll=1", "--remat=step,nested", "--repeats=2"], 75),
                 ("distill_step_bf16", ["benchmarks.distill_step", *CNN6, "--ipc=150", "--batch_syn=256",
                                        "--syn_steps=20", "--unroll=1", "--remat=step", "--repeats=2",
-                                       "--compute_dtype=bfloat16"], 60)]
+                                       "--compute_dtype=bfloat16"], 60),
+                ("experts_paper", ["benchmarks.experts", *CNN6, "--n=1024", "--n_models=5", "--batch_size=32",
+                                   "--epochs=1", "--variants=loop/scan,vmap/scan"], 90),
+                ("experts_small", ["benchmarks.experts", "--variants=loop/scan,vmap/scan"], 45),
+                ("reference_torch", ["benchmarks.reference_torch", *PAPER_IN, "--width=128", "--depth=3", "--ipc=1",
+                                     "--syn_steps=20", "--unroll=1", "--remat=none,nested", "--repeats=3"], 90),
+                ("memory_vs_syn_steps", ["benchmarks.memory_vs_syn_steps", *PAPER_IN, "--width=128", "--depth=3",
+                                         "--ipc=1", "--syn_steps=20,80", "--remat=nested", "--unroll=1",
+                                         "--repeats=2"], 75)]
         run_flags = ["--expert_train_epochs=6", "--max_start_epoch=3", "--iterations=10", "--eval_every=5",
                      "--eval_epochs=5", "--eval_seeds=2", "--noprivacy_audit"]
     stages = ["--stage=experts,distill,evaluate", f"--cache_dir={cache_dir}"] if cache_dir else []
+    head = []
+    if prepare and cache_dir:
+        tiny_corpus = run_flags[:5] if scale == "tiny" else []
+        head.append(("prepare", ["experiments.run", "--flagfile=experiments/flags/paper_demos.flags",
+                                 f"--workdir={workdir}_prepare", "--noprogress", "--stage=prepare",
+                                 f"--cache_dir={cache_dir}", *tiny_corpus], 240))
     if cache_dir or scale == "tiny":
-        rows.append(("pipeline", ["experiments.run", "--flagfile=experiments/flags/paper_demos.flags",
-                                  f"--workdir={workdir}", "--noprogress", *run_flags, *stages], 150))
+        head.append(("pipeline", ["experiments.run", "--flagfile=experiments/flags/paper_demos.flags",
+                                  f"--workdir={workdir}", "--noprogress", *run_flags, *stages],
+                     210 if scale == "paper" else 150))
+    rows = head + rows
     return rows
 
 
-def run_one(name: str, argv: list[str], limit: int, json_path: Path) -> dict:
+def _arg(argv: list[str], name: str) -> str:
+    return next(a for a in argv if a.startswith(f"--{name}=")).split("=", 1)[1]
+
+
+def run_one(name: str, argv: list[str], limit: int, json_path: Path, log_path: Path) -> dict:
+    """Runs one row in its own process; its whole output goes to ``log_path``."""
     is_run = argv[0] == "experiments.run"
     cmd = [sys.executable, "-m", *argv] + ([] if is_run else [f"--json={json_path}"])
     t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=limit)
-        status = "ok" if proc.returncode == 0 else f"exit {proc.returncode}: {proc.stderr.strip()[-300:]}"
-    except subprocess.TimeoutExpired:
-        status = f"timed out after {limit} s"
+    with log_path.open("w") as log:
+        try:
+            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, timeout=limit)
+            status = "ok" if proc.returncode == 0 else \
+                f"exit {proc.returncode}: {log_path.read_text().strip()[-300:]}"
+        except subprocess.TimeoutExpired:
+            status = f"timed out after {limit} s"
     row = {"name": name, "status": status, "seconds": round(time.perf_counter() - t0, 1), "command": " ".join(argv)}
     if is_run:
-        workdir = Path(next(a for a in argv if a.startswith("--workdir=")).split("=", 1)[1])
+        workdir = Path(_arg(argv, "workdir"))
+        if "--stage=prepare" in argv and (Path(_arg(argv, "cache_dir")) / "manifest.json").is_file():
+            manifest = json.loads((Path(_arg(argv, "cache_dir")) / "manifest.json").read_text())
+            row["rows"] = [{"clips": manifest["extracted_files"] + manifest["reused_files"],
+                            "frames": manifest["frames"], "n_mels": manifest["n_mels"],
+                            "cores": os.cpu_count(), "seconds": row["seconds"]}]
         if (workdir / "report.json").is_file():
             report = json.loads((workdir / "report.json").read_text())
             row["rows"] = [{"stage": k, "seconds": v} for k, v in report.get("stage_seconds", {}).items()]
@@ -116,18 +144,44 @@ def markdown(env: dict, results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def write(out: Path, env: dict, results: list[dict]) -> None:
+    """Rewrites suite.json and suite.md with the rows so far (atomic, so a stopped suite keeps them)."""
+    for name, text in (("suite.json", json.dumps({"env": env, "scale": F.scale, "results": results}, indent=2)
+                        + "\n"), ("suite.md", markdown(env, results))):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(out / name)
+
+
 def main(argv):
     del argv
+    if F.prepare and not F.cache_dir:
+        raise app.UsageError("--prepare needs --cache_dir (where the prepared cache goes)")
     out = Path(F.out)
-    out.mkdir(parents=True, exist_ok=True)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
     env = environment()
     results = []
+    deadline = time.perf_counter() + F.budget_s
     with tempfile.TemporaryDirectory() as tmp:
-        for name, args, limit in programme(F.scale, F.cache_dir, Path(tmp) / "run"):
-            results.append(run_one(name, args, limit, Path(tmp) / f"{name}.json"))
+        rows = programme(F.scale, F.cache_dir, Path(tmp) / "run", F.prepare)
+        unknown = set(F.rows) - {name for name, _, _ in rows}
+        if unknown:
+            raise app.UsageError(f"--rows: no row named {', '.join(sorted(unknown))} in this programme")
+        for name, args, limit in rows:
+            if F.rows and name not in F.rows:
+                continue
+            left = int(deadline - time.perf_counter())
+            if left < 15:
+                results.append({"name": name, "status": f"skipped: {F.budget_s} s budget spent", "seconds": 0,
+                                "command": " ".join(args)})
+            else:
+                results.append(run_one(name, args, min(limit, left), Path(tmp) / f"{name}.json",
+                                       out / "logs" / f"{name}.log"))
+                report = Path(tmp) / "run" / "report.json"
+                if name == "pipeline" and report.is_file():    # the whole report, beside the suite's table
+                    shutil.copyfile(report, out / "pipeline_report.json")
             print(f"{name}: {results[-1]['status']} ({results[-1]['seconds']} s)", flush=True)
-    (out / "suite.json").write_text(json.dumps({"env": env, "scale": F.scale, "results": results}, indent=2) + "\n")
-    (out / "suite.md").write_text(markdown(env, results))
+            write(out, env, results)
     print(f"wrote {out / 'suite.json'} and {out / 'suite.md'}")
 
 
