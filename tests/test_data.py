@@ -195,3 +195,20 @@ def test_short_clips_are_counted_and_untrained_classes_refused(tiny_corpus, tmp_
         if not train_has_sadness:
             warned.append(prepare.summary(fs))
     assert warned and "WARNING: fold 0 has no training clips of sadness" in warned[0]
+
+
+def _blas_threads(_job) -> list[int]:
+    from threadpoolctl import threadpool_info
+
+    return [lib["num_threads"] for lib in threadpool_info()]
+
+
+def test_prep_workers_run_one_blas_thread_each():
+    """Every worker process of the per-file map runs its numerical libraries on one thread: with a
+    thread per core in each of a core's worth of workers, data prep ran 2-3x slower."""
+    from sersynth.data.parallel import map_files
+
+    pytest.importorskip("threadpoolctl")        # comes with librosa (through scikit-learn)
+    threads = map_files(_blas_threads, list(range(8)), workers=2, progress=False, min_parallel=1)
+    assert all(t for t in threads), "no BLAS library found in the workers"
+    assert {n for t in threads for n in t} == {1}
