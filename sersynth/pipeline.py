@@ -46,6 +46,10 @@ EARLIER_EVALUATIONS = "earlier_evaluations"
 # those of them the distillation's own validation (which iteration is kept) trains with
 SELECTION_SETTINGS = ("eval_seeds", "eval_epochs", "eval_optimizer", "eval_batch_size", "eval_select_every",
                       "eval_patience")
+# how each validated iteration picks its training lr: the lr training on the set will use (the learned
+# one, or the experts' with --eval_optimizer=expert), or the best of the final evaluation's candidates
+SELECT_LR = ("learned", "candidates")
+VAL_AT_LR = "val_uar_at_lr_"              # metrics.jsonl: a candidates validation's UAR per lr (these keys + lr)
 
 
 NOT_DISTILLED = ("validation preferred the starting set (iteration 0) to every distilled one: the 'distilled' "
@@ -62,7 +66,7 @@ def run_identity(recorded: dict) -> dict:
     settings added after runs were recorded, where they hold the value that reproduces the older
     behaviour (``mia_holdout`` off; ``distill.ADDED_LATER`` in the distillation's and DM's settings):
     a run recorded before or after a setting existed is the same run."""
-    d = without_added_later(recorded, {"mia_holdout": 0.0})
+    d = without_added_later(recorded, {"mia_holdout": 0.0, "select_lr": "learned"})
     for part in ("distill", "dm"):
         if isinstance(d.get(part), dict):
             d[part] = without_added_later(d[part], distill_lib.ADDED_LATER)
@@ -103,6 +107,7 @@ class RunConfig:
     eval_seeds: int = 5
     eval_epochs: int = 300                # epochs on distilled / subset data
     eval_lr_grid: tuple[float, ...] = (0.3, 1.0, 3.0)   # lr candidates: the learned lr and expert lr x each
+    select_lr: str = "learned"            # validation during distillation trains at: learned | candidates
     eval_optimizer: str = "learned_sgd"   # learned_sgd | mtt | expert (see protocol.eval_config)
     eval_batch_size: int = 0              # minibatch when training on small sets; 0 = the experts' batch size
     eval_select_every: int = 0            # keep each model at its best validation UAR, checked every N epochs (0: last)
@@ -179,6 +184,8 @@ class RunConfig:
             raise RunError(f"--eval_batch_size must be >= 0, got {self.eval_batch_size}")
         if not self.eval_lr_grid or min(self.eval_lr_grid) <= 0:
             raise RunError("--eval_lr_grid needs positive multipliers")
+        if self.select_lr not in SELECT_LR:
+            raise RunError(f"--select_lr must be one of {', '.join(SELECT_LR)}, got {self.select_lr!r}")
         if self.tune.grid:
             try:
                 self.tune.validate()
@@ -341,7 +348,8 @@ def evaluated_already(cfg: RunConfig) -> bool:
 def selection_settings(cfg: RunConfig) -> dict:
     """The evaluation settings the distillation's validation trains with (recorded in its meta.json)."""
     d = cfg.to_json()
-    return {k: d[k] for k in SELECTION_SETTINGS}
+    keys = SELECTION_SETTINGS + (("eval_lr_grid",) if cfg.select_lr == "candidates" else ())
+    return {k: d[k] for k in keys}
 
 
 def keep_earlier_evaluation(cfg: RunConfig) -> Path:
@@ -419,11 +427,19 @@ def stage_distill(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Expe
     dist_dir = cfg.paths["distill"]
 
     def evaluate(state):
-        targets = distill_lib.targets_of(state.params, state.labels, fs.n_classes)
-        lr = protocol.syn_lr(cfg, float(distill_lib.inner_lr(state.params)))
-        r = protocol.train_small(cfg, fm, dist.to_host(state.params["x"]), dist.to_host(targets), lr, inits,
-                         jax.random.key(cfg.seed + 7), val, fs.n_classes, "val")
-        return r.mean_std("val")[0]
+        """Validation UAR of the state's set: trained at the lr training on it will use, or (``select_lr``
+        candidates) at each of the final evaluation's lr candidates, scored by the best, so that the
+        starting set (a real-clip or coreset start, at the starting lr) is judged as fairly as the rest."""
+        targets = dist.to_host(distill_lib.targets_of(state.params, state.labels, fs.n_classes))
+        x_syn, learned = dist.to_host(state.params["x"]), float(distill_lib.inner_lr(state.params))
+        lrs = (protocol.lr_candidates(cfg, learned) if cfg.select_lr == "candidates"
+               else [protocol.syn_lr(cfg, learned)])
+        scores = [protocol.train_small(cfg, fm, x_syn, targets, lr, inits, jax.random.key(cfg.seed + 7), val,
+                                       fs.n_classes, "val").mean_std("val")[0] for lr in lrs]
+        if len(lrs) > 1:
+            _log_metrics(cfg, {"stage": "distill_validation", "iteration": int(state.step),
+                               **{f"{VAL_AT_LR}{lr:.6g}": v for lr, v in zip(lrs, scores)}})
+        return max(scores)
 
     def distill_with(dcfg, folder, evaluate_every, tag):
         return distill_lib.distill(

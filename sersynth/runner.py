@@ -111,6 +111,9 @@ flags.DEFINE_string("tune_grid", "lr_img=100,300,1000;lr_init=0,0.01",
 flags.DEFINE_integer("tune_iterations", 0, "--tune: outer steps per trial (0: --iterations)")
 flags.DEFINE_integer("tune_trials", 0, "--tune: at most this many trials, a seeded sample of the grid (0: all)")
 flags.DEFINE_integer("eval_every", 0, "validate the synthetic set every N iterations and keep the best (0: keep the last)")
+flags.DEFINE_enum("select_lr", "learned", list(pipeline.SELECT_LR), "each validation of the synthetic set during "
+                 "distillation trains at: learned (the lr training on it will use) or candidates (each of the final "
+                 "evaluation's lr candidates, scored by the best: the starting set is judged as fairly as the rest)")
 flags.DEFINE_integer("checkpoint_every", 50, "checkpoint the distillation every N iterations")
 flags.DEFINE_integer("log_every", 10, "write metrics every N iterations (the only host syncs of the loop)")
 # --- evaluation --------------------------------------------------------------------------------
@@ -199,7 +202,7 @@ def config_from_flags() -> pipeline.RunConfig:
             init_mix=F.syn_init_mix, init_noise=F.syn_init_noise,
             augment=F.syn_augment, remat=F.remat, segment=F.remat_segment, unroll=F.scan_unroll),
         mesh_devices=F.mesh_devices, eval_every=F.eval_every, checkpoint_every=F.checkpoint_every, log_every=F.log_every,
-        eval_seeds=F.eval_seeds, eval_epochs=F.eval_epochs, eval_lr_grid=lr_grid, eval_optimizer=F.eval_optimizer,
+        eval_seeds=F.eval_seeds, eval_epochs=F.eval_epochs, eval_lr_grid=lr_grid, select_lr=F.select_lr, eval_optimizer=F.eval_optimizer,
         eval_batch_size=F.eval_batch_size, eval_select_every=F.eval_select_every, eval_patience=F.eval_patience, tune=tune, reference_epochs=F.reference_epochs,
         render_per_class=F.render_per_class, privacy_audit=F.privacy_audit, mia_holdout=F.mia_holdout,
         baselines=tuple(F.baselines),

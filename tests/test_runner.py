@@ -242,6 +242,27 @@ def test_a_distilled_set_is_re_evaluated_under_other_evaluation_settings(finishe
                    .get("warnings", []))
 
 
+def test_validation_can_judge_every_iteration_at_the_evaluations_lr_candidates(finished_run, tmp_path):
+    """--select_lr=candidates: each validation during distillation trains the set at every lr candidate of
+    the final evaluation and scores it by the best, so the starting set is judged at its best lr too."""
+    workdir, _ = finished_run
+    rows_of = lambda w: [json.loads(line) for line in (w / "metrics.jsonl").read_text().splitlines()]
+    assert not [r for r in rows_of(workdir) if r["stage"] == "distill_validation"]     # default: the learned lr
+    run_cli(f"--workdir={tmp_path}", *TINY_FLAGS, f"--cache_dir={workdir / 'cache'}",
+            f"--experts_dir={workdir / 'experts'}", "--stage=distill", "--select_lr=candidates")
+    meta = json.loads((tmp_path / "distill" / "meta.json").read_text())
+    rows = {r["iteration"]: r for r in rows_of(tmp_path) if r["stage"] == "distill_validation"}
+    assert sorted(rows) == [e["step"] for e in meta["evaluations"]] == [0, 10, 20]
+    for e in meta["evaluations"]:
+        by_lr = {float(k[len(pipeline.VAL_AT_LR):]): v for k, v in rows[e["step"]].items()
+                 if k.startswith(pipeline.VAL_AT_LR)}
+        learned = 0.01 if e["step"] == 0 else next(lr for lr in by_lr if lr not in (0.015, 0.05, 0.15))
+        assert sorted(by_lr) == pytest.approx(sorted([learned, 0.05 * 0.3, 0.05, 0.05 * 3]))   # --expert_lr=0.05
+        assert e["score"] == pytest.approx(max(by_lr.values()))
+    assert len({round(v, 6) for r in rows.values() for k, v in r.items() if k.startswith(pipeline.VAL_AT_LR)}) > 1
+    assert meta["selected_under"]["eval_lr_grid"] == [0.3, 1.0, 3.0]
+
+
 def test_experts_from_another_cache_are_refused(finished_run, tmp_path):
     workdir, _ = finished_run
     cfg_json = json.loads((workdir / "config.json").read_text())
