@@ -547,8 +547,8 @@ def membership_holdout(cfg: RunConfig, fs: cache_lib.FeatureSet) -> cache_lib.Fe
     clips (at least one, never all) leave the training split (split code :data:`HELD_OUT`), so no
     stage sees them and membership inference has non-members of the members' own speakers. The view
     has a hash of its own (experts trained on it are not the full split's) and lists the held-out
-    files in its manifest (``membership_holdout``). (The cache's per-Mel-bin normalisation was
-    computed before, over every training clip: one mean and spread per bin, no clip-level signal.)"""
+    files in its manifest (``membership_holdout``). The per-Mel-bin normalisation is computed again
+    over the clips that stay in training, so nothing of the held-out clips reaches any stage."""
     if cfg.mia_holdout <= 0:
         return fs
     train = np.flatnonzero(fs.split == cache_lib.SPLIT_CODES["train"])
@@ -561,12 +561,14 @@ def membership_holdout(cfg: RunConfig, fs: cache_lib.FeatureSet) -> cache_lib.Fe
     held = np.sort(np.asarray(held, int))
     split = fs.split.copy()
     split[held] = HELD_OUT
+    x, mean, std = cache_lib.normalise(fs.x * fs.mel_std + fs.mel_mean, split == cache_lib.SPLIT_CODES["train"])
     files = fs.manifest.get("files", [])
-    manifest = dict(fs.manifest, hash=f"{fs.hash}-mia{cfg.mia_holdout:g}",
+    # "-renorm": views made before the normalisation left the held-out clips out are other features
+    manifest = dict(fs.manifest, hash=f"{fs.hash}-mia{cfg.mia_holdout:g}-renorm",
                     membership_holdout={"fraction": cfg.mia_holdout, "n_clips": int(held.size),
                                         "files": [files[i]["path"] for i in held] if len(files) == fs.split.size else
                                         held.tolist()})
-    return dataclasses.replace(fs, split=split, manifest=manifest)
+    return dataclasses.replace(fs, x=x, split=split, mel_mean=mean, mel_std=std, manifest=manifest)
 
 
 def _training_speakers(fs: cache_lib.FeatureSet) -> np.ndarray | None:

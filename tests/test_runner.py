@@ -179,7 +179,7 @@ def test_membership_holdout_keeps_clips_of_training_speakers_out_of_every_stage(
     assert all(p in by_path for p in held["files"])                               # training clips...
     assert {by_path[p]["speaker"] for p in held["files"]} == speakers              # ...of every training speaker
     assert report["results"]["full_data"]["n_train"] == len(train_files) - held["n_clips"]
-    assert json.loads((tmp_path / "experts" / "meta.json").read_text())["cache_hash"].endswith("-mia0.25")
+    assert json.loads((tmp_path / "experts" / "meta.json").read_text())["cache_hash"].endswith("-mia0.25-renorm")
     same = report["privacy"]["membership_same_speaker"]
     assert set(same) == {"full_data", "distilled_fixed_init", "distilled_random_init"}
     assert same["full_data"]["n_nonmembers"] == held["n_clips"]
@@ -240,6 +240,19 @@ def test_a_distilled_set_is_re_evaluated_under_other_evaluation_settings(finishe
     assert (workdir / "config.json").read_bytes() == before["config.json"]
     assert not any("other evaluation settings" in w for w in json.loads((workdir / "report.json").read_text())
                    .get("warnings", []))
+
+
+def test_membership_holdout_normalises_without_the_held_out_clips(finished_run):
+    """The held-out clips reach no stage, not even through the per-Mel-bin normalisation: the view's
+    training clips are standardised with their own statistics, and its features are the cache's
+    clips (the same audio) under them."""
+    fs = pipeline.cache_lib.load(finished_run[0] / "cache")
+    view = pipeline.membership_holdout(pipeline.RunConfig(workdir="w", mia_holdout=0.25), fs)
+    train = view.split == pipeline.cache_lib.SPLIT_CODES["train"]
+    assert (view.split == pipeline.HELD_OUT).sum() > 0 and train.sum() < (fs.split == pipeline.cache_lib.SPLIT_CODES["train"]).sum()
+    np.testing.assert_allclose(view.x[train].mean(axis=(0, 1)), 0, atol=1e-4)
+    np.testing.assert_allclose(view.x[train].std(axis=(0, 1)), 1, atol=1e-3)
+    np.testing.assert_allclose(view.x * view.mel_std + view.mel_mean, fs.x * fs.mel_std + fs.mel_mean, atol=1e-4)
 
 
 def test_validation_can_judge_every_iteration_at_the_evaluations_lr_candidates(finished_run, tmp_path):
