@@ -432,14 +432,17 @@ def stage_distill(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Expe
         starting set (a real-clip or coreset start, at the starting lr) is judged as fairly as the rest."""
         targets = dist.to_host(distill_lib.targets_of(state.params, state.labels, fs.n_classes))
         x_syn, learned = dist.to_host(state.params["x"]), float(distill_lib.inner_lr(state.params))
-        lrs = (protocol.lr_candidates(cfg, learned) if cfg.select_lr == "candidates"
-               else [protocol.syn_lr(cfg, learned)])
-        scores = [protocol.train_small(cfg, fm, x_syn, targets, lr, inits, jax.random.key(cfg.seed + 7), val,
-                                       fs.n_classes, "val").mean_std("val")[0] for lr in lrs]
-        if len(lrs) > 1:
-            _log_metrics(cfg, {"stage": "distill_validation", "iteration": int(state.step),
-                               **{f"{VAL_AT_LR}{lr:.6g}": v for lr, v in zip(lrs, scores)}})
-        return max(scores)
+
+        def train_at(lr):
+            return protocol.train_small(cfg, fm, x_syn, targets, lr, inits, jax.random.key(cfg.seed + 7), val,
+                                        fs.n_classes, "val")
+
+        if cfg.select_lr == "learned":
+            return train_at(protocol.syn_lr(cfg, learned)).mean_std("val")[0]
+        r = eval_lib.choose_lr(train_at, protocol.lr_candidates(cfg, learned))
+        _log_metrics(cfg, {"stage": "distill_validation", "iteration": int(state.step),
+                           **{VAL_AT_LR + lr: v for lr, v in r.extra["lr_val_uar"].items()}})
+        return r.mean_std("val")[0]
 
     def distill_with(dcfg, folder, evaluate_every, tag):
         return distill_lib.distill(
@@ -561,14 +564,13 @@ def membership_holdout(cfg: RunConfig, fs: cache_lib.FeatureSet) -> cache_lib.Fe
     held = np.sort(np.asarray(held, int))
     split = fs.split.copy()
     split[held] = HELD_OUT
-    x, mean, std = cache_lib.normalise(fs.x * fs.mel_std + fs.mel_mean, split == cache_lib.SPLIT_CODES["train"])
     files = fs.manifest.get("files", [])
     # "-renorm": views made before the normalisation left the held-out clips out are other features
     manifest = dict(fs.manifest, hash=f"{fs.hash}-mia{cfg.mia_holdout:g}-renorm",
                     membership_holdout={"fraction": cfg.mia_holdout, "n_clips": int(held.size),
                                         "files": [files[i]["path"] for i in held] if len(files) == fs.split.size else
                                         held.tolist()})
-    return dataclasses.replace(fs, x=x, split=split, mel_mean=mean, mel_std=std, manifest=manifest)
+    return fs.with_split(split, manifest)
 
 
 def _training_speakers(fs: cache_lib.FeatureSet) -> np.ndarray | None:

@@ -68,10 +68,15 @@ class FeatureSet:
         if k == self.manifest.get("fold", 0):
             return self
         split = self.folds[k]
-        x, mean, std = normalise(self.x * self.mel_std + self.mel_mean, split == SPLIT_CODES["train"])
         m = dict(self.manifest, fold=k, hash=f"{self.manifest['hash']}-fold{k}",
                  files=[dict(f, split=splits.SPLITS[c]) for f, c in zip(self.manifest["files"], split)])
-        return dataclasses.replace(self, x=x, split=split, mel_mean=mean, mel_std=std, manifest=m)
+        return self.with_split(split, m)
+
+    def with_split(self, split: np.ndarray, manifest: dict) -> "FeatureSet":
+        """The same clips under another split (and ``manifest``), standardised again with the
+        statistics of the new training rows, so no clip outside them shapes the features."""
+        x, mean, std = normalise(self.x * self.mel_std + self.mel_mean, split == SPLIT_CODES["train"])
+        return dataclasses.replace(self, x=x, split=split, mel_mean=mean, mel_std=std, manifest=manifest)
 
 
 def normalise(x: np.ndarray, train_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
