@@ -111,8 +111,9 @@ def run_one(name: str, argv: list[str], limit: int, json_path: Path, log_path: P
     row = {"name": name, "status": status, "seconds": round(time.perf_counter() - t0, 1), "command": " ".join(argv)}
     if is_run:
         workdir = Path(_arg(argv, "workdir"))
-        if "--stage=prepare" in argv and (Path(_arg(argv, "cache_dir")) / "manifest.json").is_file():
-            manifest = json.loads((Path(_arg(argv, "cache_dir")) / "manifest.json").read_text())
+        manifest_path = Path(_arg(argv, "cache_dir")) / "manifest.json" if "--stage=prepare" in argv else None
+        if manifest_path is not None and manifest_path.is_file():
+            manifest = json.loads(manifest_path.read_text())
             row["rows"] = [{"clips": manifest["extracted_files"] + manifest["reused_files"],
                             "frames": manifest["frames"], "n_mels": manifest["n_mels"],
                             "cores": os.cpu_count(), "seconds": row["seconds"]}]
