@@ -579,6 +579,25 @@ def _training_speakers(fs: cache_lib.FeatureSet) -> np.ndarray | None:
     return spk if np.unique(spk).size >= 2 else None
 
 
+def record_training_choice(cfg: RunConfig, guide: str, results: dict, cross: dict) -> dict:
+    """Writes what the evaluation learned about training on the distilled set into ``distilled.npz``
+    (which ``sersynth train`` reads): the lr each evaluated model family chose on validation when
+    trained on it from random initialisations (a new model, as ``train`` makes), and the evaluation
+    protocol it was trained with. Done at every evaluation, so a re-evaluation under other settings
+    (``--stage=evaluate --eval_optimizer=mtt``) leaves the file describing the evaluation in the report,
+    not the first one. Returns the metadata written."""
+    path = cfg.paths["distill"] / "distilled.npz"
+    ds = artifact.load_set(path)
+    by_model = {guide: float(results["distilled_random_init"].extra["lr"])}
+    by_model.update({name: float(c["results"]["distilled_random_init"]["extra"]["lr"]) for name, c in cross.items()})
+    meta = {**ds.meta, "train": dataclasses.asdict(protocol.eval_config(cfg)), "eval_optimizer": cfg.eval_optimizer,
+            "lr_for_training": by_model[guide], "lr_for_training_by_model": by_model,
+            "lr_for_training_source": "chosen on validation UAR by the run's evaluation, training from random "
+                                      "initialisations"}
+    artifact.save_set(path, dataclasses.replace(ds, meta=meta))
+    return meta
+
+
 def stage_evaluate(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Experts, distilled: dict) -> dict:
     t_start = time.perf_counter()
     fm = _model(cfg, fs)
@@ -606,6 +625,9 @@ def stage_evaluate(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Exp
         cross[name] = {"model": fm_other.spec.to_json(), "n_params": fm_other.n_params,
                        "results": {k: r.to_json() for k, r in res.items()}}
         logging.info("evaluated on %s: %s", name, ", ".join(f"{k} {r.mean_std('test')[0]:.3f}" for k, r in res.items()))
+
+    if dist.is_writer():
+        record_training_choice(cfg, fm.spec.name, results, cross)
 
     audit = None
     if cfg.privacy_audit:

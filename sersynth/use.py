@@ -6,7 +6,8 @@
     sersynth predict --model=model.npz|model.onnx a.wav b.wav [--list=files.csv] [--out=preds.csv|preds.json]
 
 ``train`` reads the distilled set alone (no recordings, no cache) and trains with the protocol of its
-run (optimiser, epochs, batch, augmentation; at the learned lr). ``predict`` extracts each file's
+run (optimiser, epochs, batch, augmentation) at the lr the run's evaluation chose on validation for the
+model family, trained from random initialisations (the learned lr before the set was evaluated). ``predict`` extracts each file's
 features exactly as the cache did (:func:`sersynth.data.features.clip_features`) and normalises them
 with the statistics stored in the model file. A file that cannot be used gets one ``error:`` line and
 the others still get their prediction; the exit status is then 1. An ``.onnx`` model (from
@@ -49,7 +50,8 @@ def define_flags(command: str) -> None:
         flags.DEFINE_integer("width", 0, "convnet channels (0: the guiding model's when it is a convnet, else 128)")
         flags.DEFINE_float("width_mult", 0, "cnn6 / vgg15 / resnet9 channel scale (0: the guiding model's, else 1)")
         flags.DEFINE_integer("epochs", 0, "training epochs (0: the run's evaluation epochs)")
-        flags.DEFINE_float("lr", 0, "learning rate (0: the run's: the learned lr, or the experts' with "
+        flags.DEFINE_float("lr", 0, "learning rate (0: the one the run's evaluation chose on validation for this "
+                           "model family; before any evaluation, the learned lr, or the experts' with "
                            "--eval_optimizer=expert)")
         flags.DEFINE_integer("seed", 0, "initialisation and batch-order seed")
         flags.DEFINE_string("cache", "", "optional: a feature cache made with the same features, to print the "
@@ -118,7 +120,7 @@ def train_model(ds: artifact.DistilledSet, spec, *, epochs: int = 0, lr: float =
     from sersynth.models import flat_model
 
     tc = train.TrainConfig(**{**ds.meta["train"], **({"epochs": epochs} if epochs else {})})
-    lr = lr or ds.meta.get("lr_for_training") or tc.lr
+    lr = lr or ds.meta.get("lr_for_training_by_model", {}).get(spec.name) or ds.meta.get("lr_for_training") or tc.lr
     fm = flat_model(spec)
     key = jax.random.key(seed)
     init = fm.init(jax.random.fold_in(key, 0))[None]

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sersynth import pipeline, protocol
+from sersynth import artifact, pipeline, protocol
 from sersynth.io import load_npz
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -208,7 +208,7 @@ def test_a_distilled_set_is_re_evaluated_under_other_evaluation_settings(finishe
     workdir = tmp_path / "run"
     shutil.copytree(finished_run[0], workdir)
     before = {name: (workdir / name).read_bytes() for name in ("report.json", "report.md", "config.json")}
-    distilled = (workdir / "distill" / "distilled.npz").read_bytes()
+    distilled = artifact.load_set(workdir / "distill" / "distilled.npz")
     sersynth = Path(sys.executable).parent / "sersynth"
 
     def run(*extra):
@@ -228,7 +228,13 @@ def test_a_distilled_set_is_re_evaluated_under_other_evaluation_settings(finishe
     report = json.loads((workdir / "report.json").read_text())
     assert len(report["results"]["distilled_random_init"]["uar"]["test"]) == 3
     assert "kcenter_subset_fixed_init" not in report["results"]
-    assert (workdir / "distill" / "distilled.npz").read_bytes() == distilled
+    # the same set, now describing the evaluation in the report (what `sersynth train` reads)
+    now = artifact.load_set(workdir / "distill" / "distilled.npz")
+    assert all(np.array_equal(getattr(now, k), getattr(distilled, k)) for k in ("x", "labels", "targets", "mel_std"))
+    assert (now.lr, now.meta["distill"]) == (distilled.lr, distilled.meta["distill"])
+    assert (now.meta["eval_optimizer"], now.meta["train"]["optimizer"]) == ("mtt", "sgd")
+    assert now.meta["train"]["weight_decay"] == 5e-4 and distilled.meta["train"]["weight_decay"] == 0
+    assert now.meta["lr_for_training"] == report["results"]["distilled_random_init"]["extra"]["lr"]
     config = json.loads((workdir / "config.json").read_text())
     assert (config["eval_seeds"], config["eval_optimizer"]) == (3, "mtt")
     assert ("the distilled set's iteration was chosen on validation under other evaluation settings "

@@ -45,6 +45,9 @@ def test_distilled_set_describes_itself(finished_run, distilled):
     report = json.loads((finished_run[0] / "report.json").read_text())
     assert ds.lr == pytest.approx(report["summary"]["learned_lr"]) and ds.targets.shape == (6, 3)
     assert ds.meta["train"]["epochs"] == 5 and ds.meta["model"]["name"] == "convnet"
+    # what `train` will use: the lr the evaluation chose for new models trained on the set
+    chosen = report["results"]["distilled_random_init"]["extra"]["lr"]
+    assert ds.meta["lr_for_training"] == chosen and ds.meta["lr_for_training_by_model"] == {"convnet": chosen}
 
 
 def _rewrite(src: Path, dst: Path, **changes) -> Path:
@@ -111,7 +114,9 @@ def test_train_then_predict_through_the_command(finished_run, distilled, tmp_pat
     assert "trained convnet" in proc.stdout and "UAR on the cache: val" in proc.stdout
     m = artifact.load_model(model)
     assert m.classes == ["anger", "sadness", "happiness"] and m.meta["epochs"] == 20
-    assert m.meta["trained_on"]["n_samples"] == 6 and m.meta["lr"] == pytest.approx(artifact.load_set(distilled).lr)
+    report = json.loads((finished_run[0] / "report.json").read_text())
+    chosen = report["results"]["distilled_random_init"]["extra"]["lr"]
+    assert m.meta["trained_on"]["n_samples"] == 6 and m.meta["lr"] == pytest.approx(chosen)
     wavs = _wavs(finished_run)[:3]
     (tmp_path / "empty.wav").write_bytes(b"")
     sf.write(tmp_path / "short.wav", np.zeros(100, np.float32) + 0.1, 16000)
