@@ -626,9 +626,6 @@ def stage_evaluate(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Exp
                        "results": {k: r.to_json() for k, r in res.items()}}
         logging.info("evaluated on %s: %s", name, ", ".join(f"{k} {r.mean_std('test')[0]:.3f}" for k, r in res.items()))
 
-    if dist.is_writer():
-        record_training_choice(cfg, fm.spec.name, results, cross)
-
     audit = None
     if cfg.privacy_audit:
         x_hold = np.concatenate([sets["val"][0], sets["test"][0]])
@@ -750,6 +747,8 @@ def stage_evaluate(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Exp
     report["artifacts"] = {"plots": [str(x.relative_to(cfg.workdir)) for x in plots],
                            "audio": [str(x.relative_to(cfg.workdir)) for x in audio]}
     report["stage_seconds"] = _stage_seconds(cfg, ex, distilled, time.perf_counter() - t_start)
+    if dist.is_writer():          # just before the report, so the two describe the same evaluation
+        record_training_choice(cfg, fm.spec.name, results, cross)
     atomic_write_json(p["report"], report)
     atomic_write_bytes(Path(cfg.workdir) / "report.md", report_lib.markdown(report, cfg.to_json()).encode())
     return report
