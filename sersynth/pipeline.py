@@ -326,8 +326,8 @@ def check_workdir(cfg: RunConfig) -> None:
                                   " (or --stage=evaluate alone to re-evaluate its distilled set)"))
             if dist.is_writer():
                 kept = keep_earlier_evaluation(cfg)
-                logging.info("re-evaluating with other evaluation settings (%s); the earlier evaluation is "
-                             "kept in %s", ", ".join(diff), kept)
+                logging.info("re-evaluating with other evaluation settings (%s); %s", ", ".join(diff),
+                             f"the earlier evaluation is kept in {kept}" if kept else "there was no earlier report")
         if p["report"].is_file() and "evaluate" in cfg.stages and set(cfg.stages) == set(STAGES):
             raise RunError(f"{cfg.workdir} holds a finished run (report.json); use --overwrite to redo it")
     if cfg.overwrite and dist.is_writer():
@@ -352,10 +352,13 @@ def selection_settings(cfg: RunConfig) -> dict:
     return {k: d[k] for k in keys}
 
 
-def keep_earlier_evaluation(cfg: RunConfig) -> Path:
+def keep_earlier_evaluation(cfg: RunConfig) -> Path | None:
     """Moves the run's evaluation outputs (report, plots, audio) with the config.json they were made
-    under into ``<workdir>/earlier_evaluations/<n>`` (n = 1, 2, ...) and returns that folder."""
+    under into ``<workdir>/earlier_evaluations/<n>`` (n = 1, 2, ...) and returns that folder; ``None``
+    (nothing moved) when the run has no report (its evaluation never finished)."""
     p = cfg.paths
+    if not p["report"].is_file():
+        return None
     root = Path(cfg.workdir) / EARLIER_EVALUATIONS
     n = 1 + max((int(d.name) for d in root.glob("*") if d.name.isdigit()), default=0)
     dest = root / str(n)

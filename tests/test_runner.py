@@ -246,6 +246,11 @@ def test_a_distilled_set_is_re_evaluated_under_other_evaluation_settings(finishe
     assert (workdir / "config.json").read_bytes() == before["config.json"]
     assert not any("other evaluation settings" in w for w in json.loads((workdir / "report.json").read_text())
                    .get("warnings", []))
+    # an evaluation that never finished (no report) leaves nothing to keep: no folder holding a config alone
+    (workdir / "report.json").unlink()
+    assert run("--stage=evaluate", "--eval_seeds=3").returncode == 0
+    assert sorted(d.name for d in (workdir / pipeline.EARLIER_EVALUATIONS).iterdir()) == ["1", "2"]
+    assert json.loads((workdir / "config.json").read_text())["eval_seeds"] == 3
 
 
 def test_membership_holdout_normalises_without_the_held_out_clips(finished_run):
