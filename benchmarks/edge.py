@@ -54,12 +54,13 @@ def main(argv):
     env = print_header("edge")
     ds = artifact.load_set(F.distilled)
     calib = ds.x * ds.mel_std + ds.mel_mean
-    rows = []
+    rows, x_db = [], None
     with tempfile.TemporaryDirectory(prefix="sersynth-edge-") as tmp:
         for family in F.families:
             spec = use.model_spec(ds, family, width_mult=F.width_mult if family != "convnet" else 0)
             m, info = use.train_model(ds, spec, epochs=F.epochs, seed=F.seed, source=F.distilled)
-            x_db, y = use.cache_test_split(m, F.cache)
+            if x_db is None:              # every family shares the set's classes and features: read the cache once
+                x_db, y = use.cache_test_split(m, F.cache)
             n = len(m.classes)
             jax_labels = use.predict_probs(m, x_db).argmax(1)
             row = {"family": family, "params": info["n_params"], "train_s": info["seconds"],
