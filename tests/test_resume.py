@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from sersynth.io import load_npz
-from tests.test_runner import ROOT, TINY_FLAGS, run_cli
+from tests.test_runner import ROOT, RUN, TINY_FLAGS, run_cli
 
 # TINY_FLAGS run long enough in each stage (20 iterations, a checkpoint every 5) for a kill to land
 # inside it; the session's finished run with the same flags is the uninterrupted reference.
@@ -25,7 +25,7 @@ RESUME_FLAGS = TINY_FLAGS
 def _start_with(args: list[str]) -> subprocess.Popen:
     """The runner command with ``args``, as its own process (to be killed)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-m", "experiments.run", *args],
+    return subprocess.Popen([*RUN, *args],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 

@@ -26,10 +26,16 @@ TINY_FLAGS = [
 ]
 
 
+# the installed command, as users run it (`pip install -e .` made it); PYTHONPATH keeps a copy of the
+# tree importable in its place (e.g. a tree with one line broken, to see a test fail). The multi-host test
+# (test_sharding) runs `python -m experiments.run`, as on a machine without the package installed.
+RUN = [str(Path(sys.executable).parent / "sersynth"), "run"]
+
+
 def run_cli(*args, check=True):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "experiments.run", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    assert Path(RUN[0]).is_file(), "sersynth is not installed: pip install -e ."
+    proc = subprocess.run([*RUN, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"runner failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
@@ -200,6 +206,24 @@ def test_finished_or_different_runs_are_not_overwritten(finished_run):
     assert (workdir / "report.json").read_bytes() == before
 
 
+def test_settings_added_later_at_their_older_values_are_the_same_run(finished_run, tmp_path):
+    """config.json leaves out the settings added after runs were recorded while they hold the value of the
+    older behaviour, so a run recorded before they existed is the same run. One recorded with them
+    spelled out at those values (as a version in between wrote them) is still the run the same command
+    makes today: the command finds its finished run, not a run with other settings."""
+    import shutil
+
+    workdir = tmp_path / "spelled_out"
+    shutil.copytree(finished_run[0], workdir)
+    config = json.loads((workdir / "config.json").read_text())
+    assert not {"mia_holdout", "select_lr"} & set(config) and not {"label_init", "init_noise"} & set(config["distill"])
+    config.update(mia_holdout=0.0, select_lr="learned")
+    config["distill"].update(label_init="onehot", init_noise=0.0)
+    (workdir / "config.json").write_text(json.dumps(config))
+    proc = run_cli(f"--workdir={workdir}", *TINY_FLAGS, check=False)
+    assert proc.returncode == 2 and "holds a finished run" in proc.stderr, proc.stderr[-2000:]
+
+
 def test_a_distilled_set_is_re_evaluated_under_other_evaluation_settings(finished_run, tmp_path):
     """`sersynth run --stage=evaluate` with other evaluation settings re-evaluates the run's distilled set
     (no distillation again) and keeps the earlier evaluation; any other changed setting is still refused."""
@@ -209,11 +233,9 @@ def test_a_distilled_set_is_re_evaluated_under_other_evaluation_settings(finishe
     shutil.copytree(finished_run[0], workdir)
     before = {name: (workdir / name).read_bytes() for name in ("report.json", "report.md", "config.json")}
     distilled = artifact.load_set(workdir / "distill" / "distilled.npz")
-    sersynth = Path(sys.executable).parent / "sersynth"
 
     def run(*extra):
-        return subprocess.run([str(sersynth), "run", f"--workdir={workdir}", *TINY_FLAGS, *extra], cwd=ROOT,
-                              capture_output=True, text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        return run_cli(f"--workdir={workdir}", *TINY_FLAGS, *extra, check=False)
 
     proc = run("--stage=distill,evaluate", "--eval_seeds=3")
     assert proc.returncode == 2 and "(or --stage=evaluate alone to re-evaluate its distilled set)" in proc.stderr
