@@ -1,6 +1,7 @@
 """Atomic file writes: a crash never leaves a half-written artifact under its final name."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -132,6 +133,38 @@ def lock_dir(path: str | os.PathLike) -> None:
 
 class DirectoryLocked(RuntimeError):
     """Another live process holds the folder's lock."""
+
+
+@contextlib.contextmanager
+def hold_dir(path: str | os.PathLike, what: str):
+    """Holds an exclusive lock on the folder ``path`` (its ``.lock``) while this process writes outputs
+    that other runs may share (a ``--cache_dir`` or ``--experts_dir``), waiting while another process
+    holds it: two runs started together on one shared folder then compute its content once, the second
+    reusing what the first wrote, instead of both computing it. ``what`` names the work in the log
+    line said while waiting. A folder this process already holds (:func:`lock_dir`) is entered at once."""
+    import fcntl
+    import logging
+
+    key = str(Path(path).resolve())
+    if key in _LOCKS or not _WRITER:
+        yield
+        return
+    Path(path).mkdir(parents=True, exist_ok=True)
+    with open(Path(path) / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            logging.info("%s: waiting for sersynth process %s, which holds %s", what, f.read().strip() or "?", path)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def as_json(obj: Any) -> Any:

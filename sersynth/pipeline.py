@@ -32,8 +32,8 @@ from sersynth import report as report_lib
 from sersynth import train
 from sersynth import tune as tune_lib
 from sersynth.data import cache as cache_lib
-from sersynth.io import (DirectoryLocked, as_json, atomic_copy, atomic_write_bytes, atomic_write_json, lock_dir,
-                         read_json, without_added_later)
+from sersynth.io import (DirectoryLocked, as_json, atomic_copy, atomic_write_bytes, atomic_write_json, hold_dir,
+                         lock_dir, read_json, without_added_later)
 from sersynth.models import MODELS, ModelSpec, flat_model
 
 STAGES = ("prepare", "experts", "distill", "evaluate")
@@ -381,7 +381,8 @@ def stage_prepare(cfg: RunConfig) -> cache_lib.FeatureSet:
             n_speakers=cfg.embedded_speakers, utterances=cfg.embedded_utterances,
             emotions=tuple(pcfg.emotions) or synth_corpus.PAPER_EMOTIONS, seed=cfg.seed,
             sample_rate=max(feat.sample_rate, 16000)), progress=cfg.progress)
-    fs = prepare.prepare(p["corpus"], p["cache"], pcfg, progress=cfg.progress)
+    with hold_dir(p["cache"], "feature cache"):        # runs sharing a --cache_dir prepare it once
+        fs = prepare.prepare(p["corpus"], p["cache"], pcfg, progress=cfg.progress)
     logging.info("feature cache %s\n%s", p["cache"], prepare.summary(fs))
     return fs
 
@@ -397,11 +398,12 @@ def _model(cfg: RunConfig, fs: cache_lib.FeatureSet):
 def stage_experts(cfg: RunConfig, fs: cache_lib.FeatureSet) -> experts_lib.Experts:
     fm = _model(cfg, fs)
     x, y = fs.subset("train")
-    ex = experts_lib.train_experts(
-        fm, cfg.expert_train, x, y, fs.n_classes, cfg.n_experts, cfg.seed, cfg.paths["experts"],
-        cache_hash=fs.hash, storage_dtype=cfg.trajectory_dtype, parallel=cfg.parallel or None,
-        epoch_mode=cfg.epoch_mode or None, eval_set=fs.subset("val"), progress=cfg.progress,
-        mesh=distill_lib.data_mesh(cfg.mesh_devices))
+    with hold_dir(cfg.paths["experts"], "experts"):     # runs sharing an --experts_dir train them once
+        ex = experts_lib.train_experts(
+            fm, cfg.expert_train, x, y, fs.n_classes, cfg.n_experts, cfg.seed, cfg.paths["experts"],
+            cache_hash=fs.hash, storage_dtype=cfg.trajectory_dtype, parallel=cfg.parallel or None,
+            epoch_mode=cfg.epoch_mode or None, eval_set=fs.subset("val"), progress=cfg.progress,
+            mesh=distill_lib.data_mesh(cfg.mesh_devices))
     logging.info("experts: %d x %d epochs, %d parameters, val UAR %s", cfg.n_experts, ex.n_epochs,
                  fm.n_params, np.round(ex.meta.get("final_val_uar", []), 3))
     log_expert_curves(cfg, ex)

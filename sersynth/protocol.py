@@ -8,6 +8,7 @@ stopping by model selection on validation. Test speakers are only read to score 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 from pathlib import Path
@@ -20,7 +21,7 @@ import numpy as np
 from sersynth import distill as distill_lib
 from sersynth import evaluate as eval_lib
 from sersynth import train
-from sersynth.io import atomic_write_json, fingerprint, read_json
+from sersynth.io import atomic_write_json, fingerprint, hold_dir, read_json
 
 if TYPE_CHECKING:
     from sersynth.experts import Experts
@@ -91,7 +92,14 @@ def train_reference(cfg: RunConfig, fm, x, y, inits, key, eval_sets: dict, n_cla
     With ``store`` (a folder runs share, e.g. ``sersynth table``'s experts folder) the scores are
     kept there as ``reference_<fingerprint>.json`` and reused by any run with the same model,
     training settings, data, initialisations and key: the reference does not depend on the ipc or
-    the distilled set, so one table trains it once per (guide, trained model), not once per cell."""
+    the distilled set, so one table trains it once per (guide, trained model), not once per cell; runs
+    sharing the folder at the same time train it once too (:func:`sersynth.io.hold_dir`)."""
+    with hold_dir(store, "full-data reference") if store is not None else contextlib.nullcontext():
+        return _reference(cfg, fm, x, y, inits, key, eval_sets, n_classes, store)
+
+
+def _reference(cfg: RunConfig, fm, x, y, inits, key, eval_sets: dict, n_classes: int,
+               store: Path | None) -> eval_lib.Result:
     epochs = cfg.reference_epochs or cfg.expert_train.epochs
     tc = dataclasses.replace(cfg.expert_train, epochs=epochs)
     path = None

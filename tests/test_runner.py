@@ -439,3 +439,31 @@ def test_folds_pool_every_trained_model():
     assert pooled["n_params"] == 5 and pooled["results"]["distilled_random_init"]["uar"]["test"] == pytest.approx([0.2, 0.3])
     assert pooled["results"]["distilled_random_init"]["test_uar_mean"] == pytest.approx(0.25)
     assert agg["summary"] == {"ipc": 2.0, **{k: agg["summary"][k] for k in ("uar_ratio_fixed", "uar_ratio_random")}}
+
+
+def test_runs_sharing_a_cache_and_experts_compute_them_once(tmp_path):
+    """Two runs started together on one --cache_dir and --experts_dir: the second waits while the first
+    trains the experts, then reuses them instead of training them a second time."""
+    import time
+
+    shared = [f"--cache_dir={tmp_path / 'cache'}", f"--experts_dir={tmp_path / 'experts'}", "--stage=prepare,experts",
+              "--expert_train_epochs=400"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def start(name):
+        return subprocess.Popen([*RUN, f"--workdir={tmp_path / name}", *TINY_FLAGS, *shared], cwd=ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    first = start("first")
+    lock = tmp_path / "experts" / ".lock"
+    t0 = time.time()
+    while not (lock.is_file() and lock.read_text().strip() == str(first.pid)):     # the first is training them
+        assert first.poll() is None and time.time() - t0 < 300, first.stderr.read()[-2000:]
+        time.sleep(0.02)
+    second = start("second")
+    out_first = first.communicate(timeout=600)
+    written = (tmp_path / "experts" / "trajectories.npz").stat().st_mtime_ns
+    out_second = second.communicate(timeout=600)
+    assert first.returncode == 0 and second.returncode == 0, out_second[1][-2000:]
+    assert f"experts: waiting for sersynth process {first.pid}" in out_second[1]
+    assert (tmp_path / "experts" / "trajectories.npz").stat().st_mtime_ns == written      # not written again
