@@ -10,6 +10,7 @@ back-propagated to the synthetic spectrograms and the lr. Skips cleanly when tor
 """
 from __future__ import annotations
 
+import importlib.util
 import statistics
 import time
 
@@ -84,9 +85,7 @@ def torch_outer_step_time(n_classes, ipc, frames, n_mels, width, depth, syn_step
 def main(argv):
     del argv
     env = print_header("reference_torch")
-    try:
-        import torch  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("torch") is None:
         print("torch is not installed: nothing to compare (pip install torch to run this benchmark)")
         return
     spec = ModelSpec(name="convnet", n_classes=F.classes, input_shape=(F.frames, F.n_mels), width=F.width,

@@ -461,7 +461,7 @@ def test_runs_sharing_a_cache_and_experts_compute_them_once(tmp_path):
         assert first.poll() is None and time.time() - t0 < 300, first.stderr.read()[-2000:]
         time.sleep(0.02)
     second = start("second")
-    out_first = first.communicate(timeout=600)
+    first.communicate(timeout=600)
     written = (tmp_path / "experts" / "trajectories.npz").stat().st_mtime_ns
     out_second = second.communicate(timeout=600)
     assert first.returncode == 0 and second.returncode == 0, out_second[1][-2000:]
