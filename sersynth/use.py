@@ -7,9 +7,10 @@
 
 ``train`` reads the distilled set alone (no recordings, no cache) and trains with the protocol of its
 run (optimiser, epochs, batch, augmentation) at the lr the run's evaluation chose on validation for the
-model family, trained from random initialisations (the learned lr before the set was evaluated). ``predict`` extracts each file's
-features exactly as the cache did (:func:`sersynth.data.features.clip_features`) and normalises them
-with the statistics stored in the model file. A file that cannot be used gets one ``error:`` line and
+model family, trained from random initialisations (the learned lr before the set was evaluated).
+``predict`` extracts each file's features exactly as the cache did
+(:func:`sersynth.data.features.clip_features`) and normalises them with the statistics stored in the
+model file. A file that cannot be used gets one ``error:`` line and
 the others still get their prediction; the exit status is then 1. An ``.onnx`` model (from
 ``export-model``, :mod:`sersynth.edge`) is run by onnxruntime alone: predict then never imports JAX.
 """
