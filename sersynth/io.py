@@ -104,16 +104,13 @@ def read_json(path: str | os.PathLike, advice: str = "delete it to rebuild it") 
 _LOCKS: dict[str, Any] = {}
 
 
-def lock_dir(path: str | os.PathLike) -> None:
-    """Takes an exclusive lock on the folder ``path`` for the life of this process (``.lock`` in it,
-    holding the owner's pid). The kernel releases it when the process dies, however it dies, so a
-    lock left by a killed run never blocks the next one. Raises :class:`DirectoryLocked` when another
-    live process holds it."""
+def _take_lock(path: str | os.PathLike, wait: str | None):
+    """The open ``.lock`` of the folder ``path``, exclusively locked and holding this process's pid.
+    When another process holds it: with ``wait`` (the work to name in the log line) this waits for it;
+    without, raises :class:`DirectoryLocked`."""
     import fcntl
+    import logging
 
-    key = str(Path(path).resolve())
-    if key in _LOCKS or not _WRITER:
-        return
     Path(path).mkdir(parents=True, exist_ok=True)
     f = open(Path(path) / ".lock", "a+")
     try:
@@ -121,14 +118,28 @@ def lock_dir(path: str | os.PathLike) -> None:
     except BlockingIOError:
         f.seek(0)
         owner = f.read().strip() or "?"
-        f.close()
-        raise DirectoryLocked(f"{path} is in use by another sersynth process (pid {owner}); wait for it to finish "
-                              "or use another --workdir") from None
+        if wait is None:
+            f.close()
+            raise DirectoryLocked(f"{path} is in use by another sersynth process (pid {owner}); wait for it to "
+                                  "finish or use another --workdir") from None
+        logging.info("%s: waiting for sersynth process %s, which holds %s", wait, owner, path)
+        fcntl.flock(f, fcntl.LOCK_EX)
     f.seek(0)
     f.truncate()
     f.write(str(os.getpid()))
     f.flush()
-    _LOCKS[key] = f
+    return f
+
+
+def lock_dir(path: str | os.PathLike) -> None:
+    """Takes an exclusive lock on the folder ``path`` for the life of this process (``.lock`` in it,
+    holding the owner's pid). The kernel releases it when the process dies, however it dies, so a
+    lock left by a killed run never blocks the next one. Raises :class:`DirectoryLocked` when another
+    live process holds it."""
+    key = str(Path(path).resolve())
+    if key in _LOCKS or not _WRITER:
+        return
+    _LOCKS[key] = _take_lock(path, wait=None)
 
 
 class DirectoryLocked(RuntimeError):
@@ -142,29 +153,11 @@ def hold_dir(path: str | os.PathLike, what: str):
     holds it: two runs started together on one shared folder then compute its content once, the second
     reusing what the first wrote, instead of both computing it. ``what`` names the work in the log
     line said while waiting. A folder this process already holds (:func:`lock_dir`) is entered at once."""
-    import fcntl
-    import logging
-
-    key = str(Path(path).resolve())
-    if key in _LOCKS or not _WRITER:
+    if str(Path(path).resolve()) in _LOCKS or not _WRITER:
         yield
         return
-    Path(path).mkdir(parents=True, exist_ok=True)
-    with open(Path(path) / ".lock", "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            logging.info("%s: waiting for sersynth process %s, which holds %s", what, f.read().strip() or "?", path)
-            fcntl.flock(f, fcntl.LOCK_EX)
-        f.seek(0)
-        f.truncate()
-        f.write(str(os.getpid()))
-        f.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    with _take_lock(path, wait=what):        # closing the file releases the lock
+        yield
 
 
 def as_json(obj: Any) -> Any:
