@@ -485,8 +485,8 @@ def stage_distill(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Expe
     artifact.save_set(dist_dir / "distilled.npz", artifact.DistilledSet(
         out["x"], out["labels"], targets, float(out["lr"]), fs.mel_mean, fs.mel_std,
         {**made_from, "corpus": fs.manifest.get("corpus"), "fold": fs.manifest.get("fold") if fs.n_folds > 1 else None,
-         "features": artifact.feature_settings(fs.manifest), "train": dataclasses.asdict(protocol.eval_config(cfg)),
-         "eval_optimizer": cfg.eval_optimizer, "lr_for_training": protocol.syn_lr(cfg, float(out["lr"]))}))
+         "features": artifact.feature_settings(fs.manifest),
+         **training_meta(cfg, protocol.syn_lr(cfg, float(out["lr"])))}))
     meta = {**made_from, "evaluations": evaluations, "seconds": seconds, "lr_floor_iterations": int(final.n_lr_floor),
             "selected_under": selection_settings(cfg)}
     if tuned is not None:
@@ -584,6 +584,13 @@ def _training_speakers(fs: cache_lib.FeatureSet) -> np.ndarray | None:
     return spk if np.unique(spk).size >= 2 else None
 
 
+def training_meta(cfg: RunConfig, lr: float | None) -> dict:
+    """What ``distilled.npz`` tells ``sersynth train``: the run's evaluation protocol and the lr to train at
+    (``None``: the protocol's own, the experts' lr)."""
+    return {"train": dataclasses.asdict(protocol.eval_config(cfg)), "eval_optimizer": cfg.eval_optimizer,
+            "lr_for_training": lr}
+
+
 def record_training_choice(cfg: RunConfig, guide: str, results: dict, cross: dict) -> dict:
     """Writes what the evaluation learned about training on the distilled set into ``distilled.npz``
     (which ``sersynth train`` reads): the lr each evaluated model family chose on validation when
@@ -595,8 +602,7 @@ def record_training_choice(cfg: RunConfig, guide: str, results: dict, cross: dic
     ds = artifact.load_set(path)
     by_model = {guide: float(results["distilled_random_init"].extra["lr"])}
     by_model.update({name: float(c["results"]["distilled_random_init"]["extra"]["lr"]) for name, c in cross.items()})
-    meta = {**ds.meta, "train": dataclasses.asdict(protocol.eval_config(cfg)), "eval_optimizer": cfg.eval_optimizer,
-            "lr_for_training": by_model[guide], "lr_for_training_by_model": by_model,
+    meta = {**ds.meta, **training_meta(cfg, by_model[guide]), "lr_for_training_by_model": by_model,
             "lr_for_training_source": "chosen on validation UAR by the run's evaluation, training from random "
                                       "initialisations"}
     artifact.save_set(path, dataclasses.replace(ds, meta=meta))
