@@ -377,10 +377,11 @@ def stage_prepare(cfg: RunConfig) -> cache_lib.FeatureSet:
     pcfg = cfg.prepare_config()
     feat = pcfg.features
     if cfg.corpus == "embedded":
-        synth_corpus.generate(p["corpus"], synth_corpus.CorpusConfig(
-            n_speakers=cfg.embedded_speakers, utterances=cfg.embedded_utterances,
-            emotions=tuple(pcfg.emotions) or synth_corpus.PAPER_EMOTIONS, seed=cfg.seed,
-            sample_rate=max(feat.sample_rate, 16000)), progress=cfg.progress)
+        with hold_dir(p["corpus"], "embedded corpus"):   # runs sharing a --corpus_dir generate it once
+            synth_corpus.generate(p["corpus"], synth_corpus.CorpusConfig(
+                n_speakers=cfg.embedded_speakers, utterances=cfg.embedded_utterances,
+                emotions=tuple(pcfg.emotions) or synth_corpus.PAPER_EMOTIONS, seed=cfg.seed,
+                sample_rate=max(feat.sample_rate, 16000)), progress=cfg.progress)
     with hold_dir(p["cache"], "feature cache"):        # runs sharing a --cache_dir prepare it once
         fs = prepare.prepare(p["corpus"], p["cache"], pcfg, progress=cfg.progress)
     logging.info("feature cache %s\n%s", p["cache"], prepare.summary(fs))

@@ -467,3 +467,25 @@ def test_runs_sharing_a_cache_and_experts_compute_them_once(tmp_path):
     assert first.returncode == 0 and second.returncode == 0, out_second[1][-2000:]
     assert f"experts: waiting for sersynth process {first.pid}" in out_second[1]
     assert (tmp_path / "experts" / "trajectories.npz").stat().st_mtime_ns == written      # not written again
+
+
+def test_a_run_waits_for_the_embedded_corpus_another_process_is_writing(tmp_path):
+    """Runs sharing a --corpus_dir of the embedded corpus take turns writing it: while another process
+    holds the folder, the run waits (and says for whom) instead of writing the same clips beside it."""
+    import time
+
+    from sersynth import io
+
+    corpus = tmp_path / "corpus"
+    log = tmp_path / "run.log"
+    with io.hold_dir(corpus, "the test"), open(log, "w") as err:
+        run = subprocess.Popen([*RUN, f"--workdir={tmp_path / 'w'}", *TINY_FLAGS, f"--corpus_dir={corpus}",
+                                "--stage=prepare"], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                               stdout=subprocess.DEVNULL, stderr=err, text=True)
+        t0 = time.time()
+        while f"embedded corpus: waiting for sersynth process {os.getpid()}" not in log.read_text():
+            assert run.poll() is None and time.time() - t0 < 120, log.read_text()[-2000:]
+            time.sleep(0.05)
+        assert not (corpus / "DEMOS").exists()           # nothing written while the folder is held
+    assert run.wait(timeout=300) == 0, log.read_text()[-2000:]
+    assert (corpus / "embedded_corpus.json").is_file() and any((corpus / "DEMOS").rglob("*.wav"))
