@@ -102,6 +102,7 @@ def read_json(path: str | os.PathLike, advice: str = "delete it to rebuild it") 
 
 
 _LOCKS: dict[str, Any] = {}
+LOCK_FILE = ".lock"                      # the file in a folder that holds its lock and the owner's pid
 
 
 def _take_lock(path: str | os.PathLike, wait: str | None):
@@ -112,7 +113,7 @@ def _take_lock(path: str | os.PathLike, wait: str | None):
     import logging
 
     Path(path).mkdir(parents=True, exist_ok=True)
-    f = open(Path(path) / ".lock", "a+")
+    f = open(Path(path) / LOCK_FILE, "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -25,7 +25,7 @@ import numpy as np
 import scipy.signal
 
 from sersynth.data.parallel import map_files
-from sersynth.io import atomic_write_json
+from sersynth.io import LOCK_FILE, atomic_write_json
 
 # DEMoS emotion codes (file name legend of the corpus distribution).
 DEMOS_CODES = {
@@ -242,7 +242,7 @@ def generate(out_dir: str | os.PathLike, cfg: CorpusConfig = CorpusConfig(), pro
         for sub in ("DEMOS", "NEU"):          # ours: written by an earlier, different config
             shutil.rmtree(out / sub, ignore_errors=True)
         stamp.unlink()
-    elif out.exists() and any(p.name not in ("DEMOS", "NEU", ".lock") for p in out.iterdir()):
+    elif out.exists() and any(p.name not in ("DEMOS", "NEU", LOCK_FILE) for p in out.iterdir()):
         raise FileExistsError(f"{out} is not empty and holds no embedded corpus; pick another folder")
     speakers = make_speakers(cfg)
     rng = np.random.default_rng([cfg.seed, 3])
