@@ -7,11 +7,14 @@ Synthetic inputs and random trajectories: the step's cost does not depend on the
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from benchmarks import trace_summary
 from benchmarks.common import (define_model_flags, device_peak_bytes, print_header, spec_from_flags, table, time_call,
                                write_json)
 from sersynth import distill
@@ -26,7 +29,10 @@ flags.DEFINE_list("unroll", ["0"], "scan unroll factors to compare (0: backend d
 flags.DEFINE_integer("repeats", 5, "timed repeats (median)")
 flags.DEFINE_float("peak_tflops", 0.0, "device peak TFLOP/s for the utilisation column (0: omit)")
 flags.DEFINE_string("json", "", "write results here")
+flags.DEFINE_string("trace_dir", "", "also profile one step of each row into TRACE_DIR/<row> (jax.profiler, with a "
+                    "perfetto trace) and print where its device time goes (benchmarks.trace_summary)")
 F = flags.FLAGS
+TRACES: list[dict] = []   # --trace_dir: each row's trace summary, for the JSON
 
 
 def measure(fm, cfg: distill.DistillConfig, n_classes: int, repeats: int) -> dict:
@@ -55,6 +61,16 @@ def measure(fm, cfg: distill.DistillConfig, n_classes: int, repeats: int) -> dic
         row["peak_device_MB"] = peak / 2**20
     if F.peak_tflops:
         row["util_%"] = 100 * flops / median / (F.peak_tflops * 1e12)
+    if F.trace_dir:
+        where = Path(F.trace_dir) / f"steps{cfg.syn_steps}_{cfg.remat}_unroll{row['unroll']}_{fm.spec.compute_dtype}"
+        with jax.profiler.trace(str(where), create_perfetto_trace=True):
+            jax.block_until_ready(run(state))
+        summary = trace_summary.summarise(where)
+        print(trace_summary.render(summary), flush=True)
+        row["trace_busy_%"] = summary["busy_%"]
+        first_cat = next(iter(summary["categories"].items()))
+        row["trace_largest"] = f"{first_cat[0]} {first_cat[1]['%']}%"
+        TRACES.append({"row": {k: row[k] for k in ("syn_steps", "remat", "unroll")}, **summary})
     return row
 
 
@@ -88,7 +104,7 @@ def main(argv):
           "which counts a rolled loop body once (compare GFLOP only between unrolled rows)")
     columns = max((list(r) for r in rows), key=len)
     print(table(rows, columns))
-    write_json(F.json, {"env": env, "spec": spec.to_json(), "rows": rows})
+    write_json(F.json, {"env": env, "spec": spec.to_json(), "rows": rows, **({"traces": TRACES} if TRACES else {})})
 
 
 if __name__ == "__main__":
