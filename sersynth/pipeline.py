@@ -411,13 +411,10 @@ def stage_experts(cfg: RunConfig, fs: cache_lib.FeatureSet) -> experts_lib.Exper
     return ex
 
 
-def distill_config(cfg: RunConfig, n_train: int, values: dict | None = None) -> distill_lib.DistillConfig:
-    """The distillation settings of this run (with a tuning trial's or the tuned ``values`` applied)
-    and ``--lr_init=0`` (auto) resolved from the experts' optimiser and their steps per epoch on
-    ``n_train`` training clips."""
-    et = cfg.expert_train
-    d = dataclasses.replace(cfg.distill, **(values or {}))
-    return d.resolve_lr_init(et.lr, et.optimizer, et.momentum, et.steps_per_epoch(n_train))
+def distill_config(cfg: RunConfig, values: dict | None = None) -> distill_lib.DistillConfig:
+    """The distillation settings of this run, with a tuning trial's or the tuned ``values`` applied
+    (``--lr_init=0`` is measured later, from the experts: :func:`sersynth.distill.measure_lr_init`)."""
+    return dataclasses.replace(cfg.distill, **(values or {}))
 
 
 def stage_distill(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Experts) -> dict:
@@ -425,7 +422,7 @@ def stage_distill(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Expe
     x, y = fs.subset("train")
     try:
         experts_lib.check_compatible(ex, fm.spec, fs.hash)
-        distill_config(cfg, x.shape[0]).validate(ex.n_epochs)
+        distill_config(cfg).validate(ex.n_epochs)
     except ValueError as e:
         raise RunError(str(e)) from None
     val = {"val": fs.subset("val")}
@@ -450,7 +447,11 @@ def stage_distill(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Expe
                            **{VAL_AT_LR + lr: v for lr, v in r.extra["lr_val_uar"].items()}})
         return r.mean_std("val")[0]
 
+    def measured(dcfg):
+        return distill_lib.measure_lr_init(fm, dcfg, ex.params, x, y, fs.n_classes, cfg.seed)
+
     def distill_with(dcfg, folder, evaluate_every, tag):
+        dcfg = measured(dcfg)
         return distill_lib.distill(
             fm, dcfg, ex.params, x, y, fs.n_classes, cfg.seed, checkpoint_path=folder / "checkpoint.npz",
             checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every,
@@ -461,15 +462,15 @@ def stage_distill(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Expe
 
     tuned, values = None, {}
     if cfg.tune.grid:
-        tuned = tune_search(cfg, x.shape[0], ex.n_epochs, distill_with, dist_dir / "tune")
+        tuned = tune_search(cfg, ex.n_epochs, distill_with, dist_dir / "tune")
         values = tuned["chosen"]
         logging.info("tune: chose %s (validation UAR %.3f of %d trials)", values, tuned["chosen_val_uar"],
                      len(tuned["trials"]))
         if cfg.tune.iterations <= cfg.distill.iterations:       # not a longer trial (0: the run's own)
             continue_trial(dist_dir / "tune" / f"trial_{tuned['chosen_trial']:03d}", dist_dir)
-    dcfg = distill_config(cfg, x.shape[0], values)
+    dcfg = measured(distill_config(cfg, values))
     if dcfg.lr_init != cfg.distill.lr_init:
-        logging.info("--lr_init=0: starting the learned lr at %.4g", dcfg.lr_init)
+        logging.info("--lr_init=0: starting the learned lr at %.4g, measured from the experts", dcfg.lr_init)
     t0 = time.perf_counter()
     final, best, evaluations = distill_with(dcfg, dist_dir, cfg.eval_every, "distill")
     seconds = time.perf_counter() - t0
@@ -513,7 +514,7 @@ def continue_trial(trial_dir: Path, dist_dir: Path) -> None:
     logging.info("tune: the distillation continues trial %s", trial_dir.name)
 
 
-def tune_search(cfg: RunConfig, n_train: int, n_expert_epochs: int, distill_with, folder: Path) -> dict:
+def tune_search(cfg: RunConfig, n_expert_epochs: int, distill_with, folder: Path) -> dict:
     """``--tune``: every trial distils for ``tune.iterations`` (default: the run's) from the same
     experts, validating as the run does (every ``eval_every`` iterations, else at the end); a
     trial's score is its best validation UAR after the starting set (iteration 0 is the same for
@@ -521,7 +522,7 @@ def tune_search(cfg: RunConfig, n_train: int, n_expert_epochs: int, distill_with
     (e.g. more expert epochs than stored) are refused before any trial runs."""
     n_it = cfg.tune.iterations or cfg.distill.iterations
     trials = cfg.tune.trials(cfg.seed)
-    configs = [dataclasses.replace(distill_config(cfg, n_train, values), iterations=n_it) for values in trials]
+    configs = [dataclasses.replace(distill_config(cfg, values), iterations=n_it) for values in trials]
     for dcfg, values in zip(configs, trials):
         try:
             dcfg.validate(n_expert_epochs)

@@ -78,8 +78,8 @@ flags.DEFINE_float("lr_img", 1000.0, "SGD step on the synthetic spectrograms (pa
 flags.DEFINE_float("lr_lr", 1e-3, "SGD step (momentum --outer_momentum) on the learnable lr (paper, MTT: 1e-3 on the raw lr)")
 flags.DEFINE_enum("lr_param", "raw", ["raw", "log"], "learn the raw inner lr (MTT, the paper) or log(lr)")
 flags.DEFINE_float("lr_min", 1e-6, "floor of the learned raw lr (kept positive; hits are counted and reported)")
-flags.DEFINE_float("lr_init", 1e-3, "initial learnable inner lr (paper: 1e-3); 0: auto, the lr at which --syn_steps "
-                   "steps cover the experts' --expert_epochs of plain-SGD steps (Adam experts: --expert_lr)")
+flags.DEFINE_float("lr_init", 1e-3, "initial learnable inner lr (paper: 1e-3); 0: measured, the lr at which "
+                   "--syn_steps student steps on the starting set travel as far as the experts in --expert_epochs")
 flags.DEFINE_float("outer_momentum", 0.5, "momentum of the outer SGD optimisers")
 flags.DEFINE_bool("learn_labels", False, "learn soft labels too")
 flags.DEFINE_float("lr_labels", 2.0, "SGD step on the soft-label logits")

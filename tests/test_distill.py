@@ -299,20 +299,30 @@ def test_remat_auto_picks_the_fastest_policy_that_fits(setup):
     assert int(new.step) == 1
 
 
-def test_auto_lr_init_lets_the_student_cover_the_expert_segment():
-    """--lr_init=0: syn_steps x lr equals the experts' steps x lr over expert_epochs (SGD; momentum
-    m amplifies the expert's step by 1 / (1 - m)); Adam experts give their lr; an explicit lr_init
-    is kept; distill() refuses an unresolved 0."""
-    cfg = distill.DistillConfig(syn_steps=10, expert_epochs=2, max_start_epoch=1, lr_init=0, lr_min=1e-3)
-    cfg.validate()
-    r = cfg.resolve_lr_init(0.03, "sgd", 0.0, 30)
-    assert r.lr_init == pytest.approx(0.03 * 2 * 30 / 10) and r.lr_min == 1e-3
-    assert cfg.resolve_lr_init(0.03, "sgd", 0.5, 30).lr_init == pytest.approx(2 * 0.18)
-    assert cfg.resolve_lr_init(1e-3, "adam", 0.0, 30).lr_init == pytest.approx(1e-3)
-    assert cfg.resolve_lr_init(1e-3, "adam", 0.0, 30).lr_min == pytest.approx(5e-4)
-    assert dataclasses.replace(cfg, lr_init=0.02).resolve_lr_init(0.03, "sgd", 0.0, 30).lr_init == 0.02
+def test_measured_lr_init_lets_the_student_travel_as_far_as_the_experts(setup):
+    """--lr_init=0: experts whose every epoch is one step of ``syn_steps * eta`` along the gradient of
+    the starting synthetic set are matched from exactly ``eta``, whatever lr they were trained with;
+    an explicit lr_init is kept; distill() refuses an unresolved 0; experts that never moved are an error."""
+    fm, x, y, _ = setup
+    eta, n_classes = 0.037, int(y.max()) + 1
+    cfg = distill.DistillConfig(ipc=2, syn_steps=5, expert_epochs=1, max_start_epoch=3, lr_init=0, lr_min=0.05)
+    state = distill.init_state(cfg, x, y, n_classes, distill.init_key(0))
+    targets = distill.targets_of(state.params, state.labels, n_classes)
+    grad = jax.jit(jax.grad(lambda th: train.soft_cross_entropy(fm.apply(th, state.params["x"]), targets)))
+    traj = []
+    for e in range(2):
+        theta = [fm.init(jax.random.key(e))]
+        for _ in range(cfg.max_start_epoch + cfg.expert_epochs):
+            theta.append(theta[-1] - cfg.syn_steps * eta * grad(theta[-1]))
+        traj.append(np.stack(theta))
+    traj = np.stack(traj)
+    r = distill.measure_lr_init(fm, cfg, traj, x, y, n_classes, seed=0)
+    assert r.lr_init == pytest.approx(eta, rel=1e-4) and r.lr_min == pytest.approx(r.lr_init / 2)
+    assert distill.measure_lr_init(fm, dataclasses.replace(cfg, lr_init=0.02), traj, x, y, n_classes, 0).lr_init == 0.02
     with pytest.raises(ValueError, match="resolved"):
-        distill.distill(None, cfg, np.zeros((1, 3, 4), np.float32), None, None, 2, 0)
+        distill.distill(fm, cfg, traj, x, y, n_classes, 0)
+    with pytest.raises(ValueError, match="could not measure"):
+        distill.measure_lr_init(fm, cfg, np.repeat(traj[:, :1], traj.shape[1], axis=1), x, y, n_classes, 0)
 
 
 def test_expert_label_init_starts_from_the_experts_logits(setup):

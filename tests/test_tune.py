@@ -82,8 +82,12 @@ def test_runner_tunes_on_validation_and_distils_with_the_choice(tmp_path):
     assert before == {p.name: p.stat().st_mtime_ns for p in (workdir / "distill" / "tune").glob("trial_*.json")}
     # a trial longer than the run is not continued: the final distillation runs its own 20 iterations
     longer = tmp_path / "longer"
-    run_cli(*args, f"--workdir={longer}", "--tune_iterations=30", "--tune_trials=1", "--stage=prepare,experts,distill")
+    # (with --lr_init=0, measured from the experts, for the trial and for the run alike)
+    proc = run_cli(*args, f"--workdir={longer}", "--tune_iterations=30", "--tune_trials=1", "--lr_init=0",
+                   "--stage=prepare,experts,distill")
     meta = json.loads((longer / "distill" / "meta.json").read_text())
     assert [e["step"] for e in meta["evaluations"]] == [0, 10, 20]
+    assert meta["distill"]["lr_init"] > 0 and meta["tune"]["trials"][0]["evaluations"]
+    assert f"starting the learned lr at {meta['distill']['lr_init']:.4g}, measured from the experts" in proc.stderr
     bad = run_cli(*args, "--tune_grid=expert_epochs=9", "--workdir=" + str(tmp_path / "bad"), check=False)
     assert bad.returncode == 2 and "--tune_grid trial {'expert_epochs': 9}" in bad.stderr
