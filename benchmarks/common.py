@@ -81,10 +81,12 @@ def define_model_flags(flags_module, frames: int = 47, n_mels: int = 32) -> None
     F.DEFINE_integer("frames", frames, "frames")
     F.DEFINE_integer("n_mels", n_mels, "Mel bins")
     F.DEFINE_string("compute_dtype", "float32", "activation dtype")
+    F.DEFINE_enum("max_pool", "blocks", ["blocks", "window"], "2x2 max-pool implementation (models.set_max_pool)")
 
 
 def spec_from_flags(F):
-    from sersynth.models import ModelSpec
+    from sersynth.models import ModelSpec, set_max_pool
 
+    set_max_pool(F.max_pool)
     return ModelSpec(name=F.model, n_classes=F.classes, input_shape=(F.frames, F.n_mels), width=F.width,
                      depth=F.depth, width_mult=F.width_mult, compute_dtype=F.compute_dtype)

@@ -11,7 +11,8 @@ so a suite stopped from outside keeps the rows it finished; each row's output is
   0. with ``--prepare``: data prep of the paper-sized embedded corpus (~9.5k clips) into ``--cache_dir``;
   1. the paper pipeline end to end at reduced epochs and iterations on ``--cache_dir`` (prepared by
      row 0, or elsewhere: the distillation needs no audio libraries), its stage times from report.json;
-  2. the paper-model outer step (CNN-6, ipc 150, batch 256) across remat policies and dtypes;
+  2. the paper-model outer step (CNN-6, ipc 150, batch 256) across remat policies and dtypes (the
+     bfloat16 row profiled: busy %, largest kernel category), and with the other max-pool implementation;
   3. training several models, loop vs vmap, at the paper's and the quick-start's sizes;
   4. the PyTorch reference ratio at the paper's input size (ConvNet width 128, 20 inner steps);
   5. temporary memory and time vs syn_steps (nested remat).
@@ -66,7 +67,11 @@ def programme(scale: str, cache_dir: str, workdir: Path, prepare: bool = False) 
                                       "--syn_steps=20", "--unroll=1", "--remat=step,nested", "--repeats=2"], 75),
                 ("distill_step_bf16", ["benchmarks.distill_step", *CNN6, "--ipc=150", "--batch_syn=256",
                                        "--syn_steps=20", "--unroll=1", "--remat=step", "--repeats=2",
-                                       "--compute_dtype=bfloat16"], 60),
+                                       "--compute_dtype=bfloat16", "--peak_tflops=790",
+                                       f"--trace_dir={workdir}_traces"], 60),
+                ("distill_step_bf16_window_pool", ["benchmarks.distill_step", *CNN6, "--ipc=150", "--batch_syn=256",
+                                                   "--syn_steps=20", "--unroll=1", "--remat=step", "--repeats=2",
+                                                   "--compute_dtype=bfloat16", "--max_pool=window"], 60),
                 ("experts_paper", ["benchmarks.experts", *CNN6, "--n=1024", "--n_models=5", "--batch_size=32",
                                    "--epochs=1", "--variants=loop/scan,vmap/scan"], 90),
                 ("experts_small", ["benchmarks.experts", "--variants=loop/scan,vmap/scan"], 45),

@@ -66,7 +66,37 @@ def _ch(c: int, mult: float) -> int:
     return max(1, int(round(c * mult)))
 
 
+MAX_POOLS = ("blocks", "window")
+_max_pool_impl = "blocks"
+
+
+def set_max_pool(impl: str) -> None:
+    """How the 2x2 stride-2 max pooling of cnn6 and vgg15 is computed; models traced later use it.
+
+    Both give the same outputs, and the same gradients except where several inputs of a window tie
+    for its maximum (``window`` sends the gradient to one, ``blocks`` splits it; after a ReLU the
+    common tie, zeros, has no gradient either way). ``blocks`` (default): the input, padded to even
+    sizes with -inf, is reshaped into 2x2 blocks and reduced with ``max``, which differentiates to
+    elementwise compares. ``window``: ``reduce_window``, differentiated by select-and-scatter, whose
+    scatters and their second-order terms took 18% of the paper model's outer step on an H100; on
+    the CPU ``blocks`` was as fast and needed a third less temporary memory (benchmarks/RESULTS.md)."""
+    global _max_pool_impl
+    if impl not in MAX_POOLS:
+        raise ValueError(f"max pool must be one of {', '.join(MAX_POOLS)}, got {impl!r}")
+    _max_pool_impl = impl
+
+
+def _max_pool_blocks(x):
+    b, h, w, c = x.shape
+    if h % 2 or w % 2:                        # SAME padding of a 2x2 stride-2 window pads after, by one
+        x = jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), constant_values=-jnp.inf)
+    h2, w2 = x.shape[1] // 2, x.shape[2] // 2
+    return jnp.max(x.reshape(b, h2, 2, w2, 2, c), axis=(2, 4))
+
+
 def _max_pool(x, k=2, s=2):
+    if k == 2 and s == 2 and _max_pool_impl == "blocks":
+        return _max_pool_blocks(x)
     return nn.max_pool(x, window_shape=(k, k), strides=(s, s), padding="SAME")
 
 

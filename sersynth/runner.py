@@ -14,7 +14,7 @@ import sys
 
 from absl import app, flags, logging
 
-from sersynth import dist, distill, pipeline, protocol, train
+from sersynth import dist, distill, models, pipeline, protocol, train
 from sersynth import dm as dm_lib
 from sersynth import tune as tune_lib
 from sersynth.data import prepare
@@ -97,6 +97,9 @@ flags.DEFINE_enum("remat", "auto", list(distill.REMAT_CHOICES),
                   "rematerialisation of the inner loop; auto: the fastest (none, step, nested) whose compiled step "
                   "fits the device's free memory")
 flags.DEFINE_integer("remat_segment", 0, "steps per checkpointed segment (nested); 0: divisor of syn_steps nearest its sqrt")
+flags.DEFINE_enum("max_pool", "blocks", list(models.MAX_POOLS),
+                  "2x2 max pooling of cnn6/vgg15: blocks (reshape + max, elementwise gradients) or window "
+                  "(reduce_window, select-and-scatter gradients); same outputs")
 flags.DEFINE_integer("scan_unroll", 0, "inner scan unroll factor; 0: per backend (full on CPU, 1 on GPU/TPU)")
 flags.DEFINE_integer("mesh_devices", 0, "spread the experts, the synthetic set and the evaluation seeds over this many "
                      "devices (0: one device)")
@@ -161,6 +164,8 @@ def command_flags(argv: list[str]) -> str:
 
 
 def config_from_flags() -> pipeline.RunConfig:
+    """The run's settings from the flags (and ``--max_pool`` applied to the models built from here on)."""
+    models.set_max_pool(F.max_pool)
     stages = tuple(pipeline.STAGES) if F.stage == ["all"] else tuple(F.stage)
     try:
         split = tuple(float(v) for v in F.split)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
+from sersynth import models
 from sersynth.models import ModelSpec, flat_model
 
 SHAPE = (24, 16)
@@ -81,3 +82,33 @@ def test_kernel_size_option():
     assert three.n_params == 1_817_991 and five.n_params == 4_571_527
     with pytest.raises(ValueError, match="--kernel_size must be an odd number"):
         ModelSpec(kernel=4).validate()
+
+
+@pytest.fixture
+def max_pool_restored():
+    yield
+    models.set_max_pool("blocks")
+
+
+def test_max_pool_blocks_match_reduce_window_without_scatter(max_pool_restored):
+    """cnn6 at an odd input size: same logits, gradients and the meta-gradient's second-order terms
+    with either implementation; only ``window`` differentiates through select-and-scatter."""
+    fm_spec = ModelSpec(name="cnn6", width_mult=0.0625, n_classes=3, input_shape=(37, 21))
+    x = jax.random.normal(jax.random.key(0), (4, 37, 21))
+    y = jax.nn.one_hot(jnp.array([0, 1, 2, 1]), 3)
+
+    def outputs(impl):
+        models.set_max_pool(impl)
+        fm = flat_model(fm_spec)
+        theta = fm.init(jax.random.key(1))
+        loss = lambda th, xb: -jnp.mean(jnp.sum(y * jax.nn.log_softmax(fm.apply(th, xb)), -1))
+        meta = lambda xb: jnp.sum(jnp.square(theta - 0.1 * jax.grad(loss)(theta, xb)))   # d/dx through a step
+        hlo = jax.jit(jax.grad(meta)).lower(x).as_text()
+        return fm.apply(theta, x), jax.grad(loss)(theta, x), jax.grad(meta)(x), hlo
+
+    blocks, window = outputs("blocks"), outputs("window")
+    for a, b in zip(blocks[:3], window[:3]):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    assert "scatter" in window[3] and "scatter" not in blocks[3]
+    with pytest.raises(ValueError, match="max pool must be one of"):
+        models.set_max_pool("avg")
