@@ -8,15 +8,19 @@ Runs, each as its own process with its own time limit, most wanted first (a row 
 runs out of time is recorded as such, the others still run; rows that no longer fit
 ``--budget_s`` are recorded as skipped; suite.json and suite.md are rewritten after every row,
 so a suite stopped from outside keeps the rows it finished; each row's output is in OUT/logs/):
-  0. with ``--prepare``: data prep of the paper-sized embedded corpus (~9.5k clips) into ``--cache_dir``;
-  1. the paper pipeline end to end at reduced epochs and iterations on ``--cache_dir`` (prepared by
-     row 0, or elsewhere: the distillation needs no audio libraries), its stage times from report.json;
+  0. with ``--prepare``: data prep of the paper-shaped embedded corpus (``--utterances``: 8 gives
+     3,808 clips, 20 the paper-sized 9,520) into ``--cache_dir``;
+  1. the paper's model and settings end to end on ``--cache_dir`` (prepared by row 0, or elsewhere:
+     the distillation needs no audio libraries) at a shorter schedule (ipc 50, 12 expert epochs, 20
+     outer steps from a measured starting lr, 30 evaluation epochs, 3 seeds), in float32 and in
+     bfloat16 with the same seeds: stage times and every setting's test UAR from report.json;
   2. the paper-model outer step (CNN-6, ipc 150, batch 256) across remat policies and dtypes (the
      bfloat16 row profiled: busy %, largest kernel category), and with the other max-pool implementation;
   3. training several models, loop vs vmap, at the paper's and the quick-start's sizes;
   4. the PyTorch reference ratio at the paper's input size (ConvNet width 128, 20 inner steps);
   5. temporary memory and time vs syn_steps (nested remat).
-Budgeted to fit 8 minutes on one H100 at ``--scale=paper``.
+On one H100 rows 0-1 take about 8 minutes (the default ``--budget_s``) and rows 2-5 about 8 more:
+where one call may run 10 minutes, run ``--rows=prepare,pipeline,pipeline_bf16`` and the rest apart.
 """
 from __future__ import annotations
 
@@ -36,8 +40,10 @@ from benchmarks.common import _fmt, environment
 flags.DEFINE_enum("scale", "paper", ["paper", "tiny"], "paper: the accelerator programme; tiny: a fast CPU check")
 flags.DEFINE_string("out", "suite", "folder for suite.json and suite.md")
 flags.DEFINE_string("cache_dir", "", "paper-sized feature cache for the end-to-end row ('' skips it)")
-flags.DEFINE_bool("prepare", False, "first prepare --cache_dir from the paper-sized embedded corpus, timed")
-flags.DEFINE_integer("budget_s", 480, "seconds for the whole suite: each row's limit is cut to what is left")
+flags.DEFINE_bool("prepare", False, "first prepare --cache_dir from the paper-shaped embedded corpus, timed")
+flags.DEFINE_integer("utterances", 8, "--scale=paper: utterances per speaker and emotion of the embedded corpus the "
+                     "pipeline rows prepare and run on (8: 3,808 clips; 20: the paper-sized 9,520)")
+flags.DEFINE_integer("budget_s", 500, "seconds for the whole suite: each row's limit is cut to what is left")
 flags.DEFINE_list("rows", [], "run only these rows (names as in suite.md; empty: all)")
 F = flags.FLAGS
 
@@ -45,7 +51,8 @@ PAPER_IN = ["--frames=373", "--n_mels=64"]
 CNN6 = ["--model=cnn6", "--width_mult=1", *PAPER_IN]
 
 
-def programme(scale: str, cache_dir: str, workdir: Path, prepare: bool = False) -> list[tuple[str, list[str], int]]:
+def programme(scale: str, cache_dir: str, workdir: Path, prepare: bool = False,
+              utterances: int = 8) -> list[tuple[str, list[str], int]]:
     """``(name, argv after python -m, time limit s)`` of each benchmark, most wanted first."""
     if scale == "tiny":
         small = ["--frames=24", "--n_mels=16", "--width=8", "--depth=2", "--repeats=1"]
@@ -80,19 +87,23 @@ def programme(scale: str, cache_dir: str, workdir: Path, prepare: bool = False) 
                 ("memory_vs_syn_steps", ["benchmarks.memory_vs_syn_steps", *PAPER_IN, "--width=128", "--depth=3",
                                          "--ipc=1", "--syn_steps=20,80", "--remat=nested", "--unroll=1",
                                          "--repeats=2"], 75)]
-        run_flags = ["--expert_train_epochs=6", "--max_start_epoch=3", "--iterations=10", "--eval_every=5",
-                     "--eval_epochs=5", "--eval_seeds=2", "--noprivacy_audit"]
+        # the paper's model and settings at a shorter schedule, the starting lr measured (--lr_init=0)
+        run_flags = [f"--embedded_utterances={utterances}", "--ipc=50", "--expert_train_epochs=12",
+                     "--max_start_epoch=8", "--iterations=20", "--eval_every=10", "--eval_epochs=30", "--eval_seeds=3",
+                     "--noprivacy_audit", "--render_per_class=1", "--lr_init=0"]
+    corpus = run_flags[:5] if scale == "tiny" else run_flags[:1]
     stages = ["--stage=experts,distill,evaluate", f"--cache_dir={cache_dir}"] if cache_dir else []
     head = []
     if prepare and cache_dir:
-        tiny_corpus = run_flags[:5] if scale == "tiny" else []
         head.append(("prepare", ["experiments.run", "--flagfile=experiments/flags/paper_demos.flags",
                                  f"--workdir={workdir}_prepare", "--noprogress", "--stage=prepare",
-                                 f"--cache_dir={cache_dir}", *tiny_corpus], 240))
+                                 f"--cache_dir={cache_dir}", *corpus], 240))
     if cache_dir or scale == "tiny":
-        head.append(("pipeline", ["experiments.run", "--flagfile=experiments/flags/paper_demos.flags",
-                                  f"--workdir={workdir}", "--noprogress", *run_flags, *stages],
-                     210 if scale == "paper" else 150))
+        # the same run in float32 and in bfloat16 (same seeds): time and test UAR of each
+        for name, dtype, limit in (("pipeline", "float32", 250), ("pipeline_bf16", "bfloat16", 200)):
+            head.append((name, ["experiments.run", "--flagfile=experiments/flags/paper_demos.flags",
+                                f"--workdir={workdir}_{dtype}", "--noprogress", *run_flags, *stages,
+                                f"--compute_dtype={dtype}"], limit if scale == "paper" else 150))
     rows = head + rows
     return rows
 
@@ -126,6 +137,7 @@ def run_one(name: str, argv: list[str], limit: int, json_path: Path, log_path: P
             report = json.loads((workdir / "report.json").read_text())
             row["rows"] = [{"stage": k, "seconds": v} for k, v in report.get("stage_seconds", {}).items()]
             row["summary"] = {k: report["summary"].get(k) for k in ("uar_ratio_random", "uar_ratio_fixed")}
+            row["summary"].update({f"test_uar_{k}": r["test_uar_mean"] for k, r in report["results"].items()})
     elif json_path.is_file():
         row["rows"] = json.loads(json_path.read_text()).get("rows", [])
     return row
@@ -169,7 +181,7 @@ def main(argv):
     results = []
     deadline = time.perf_counter() + F.budget_s
     with tempfile.TemporaryDirectory() as tmp:
-        rows = programme(F.scale, F.cache_dir, Path(tmp) / "run", F.prepare)
+        rows = programme(F.scale, F.cache_dir, Path(tmp) / "run", F.prepare, F.utterances)
         unknown = set(F.rows) - {name for name, _, _ in rows}
         if unknown:
             raise app.UsageError(f"--rows: no row named {', '.join(sorted(unknown))} in this programme")
@@ -183,9 +195,10 @@ def main(argv):
             else:
                 results.append(run_one(name, args, min(limit, left), Path(tmp) / f"{name}.json",
                                        out / "logs" / f"{name}.log"))
-                report = Path(tmp) / "run" / "report.json"
-                if name == "pipeline" and report.is_file():    # the whole report, beside the suite's table
-                    shutil.copyfile(report, out / "pipeline_report.json")
+                run_dir = next((a.split("=", 1)[1] for a in args if a.startswith("--workdir=")), "")
+                report = Path(run_dir) / "report.json"
+                if name.startswith("pipeline") and report.is_file():    # the whole report, beside the table
+                    shutil.copyfile(report, out / f"{name}_report.json")
             print(f"{name}: {results[-1]['status']} ({results[-1]['seconds']} s)", flush=True)
             write(out, env, results)
     print(f"wrote {out / 'suite.json'} and {out / 'suite.md'}")
