@@ -81,7 +81,7 @@ def define_model_flags(flags_module, frames: int = 47, n_mels: int = 32) -> None
     F.DEFINE_integer("frames", frames, "frames")
     F.DEFINE_integer("n_mels", n_mels, "Mel bins")
     F.DEFINE_string("compute_dtype", "float32", "activation dtype")
-    F.DEFINE_enum("max_pool", "blocks", ["blocks", "window"], "2x2 max-pool implementation (models.set_max_pool)")
+    F.DEFINE_enum("max_pool", "auto", ["auto", "blocks", "window"], "2x2 max-pool implementation (models.set_max_pool)")
 
 
 def spec_from_flags(F):

@@ -66,8 +66,8 @@ def _ch(c: int, mult: float) -> int:
     return max(1, int(round(c * mult)))
 
 
-MAX_POOLS = ("blocks", "window")
-_max_pool_impl = "blocks"
+MAX_POOLS = ("auto", "blocks", "window")
+_max_pool_impl = "auto"
 
 
 def set_max_pool(impl: str) -> None:
@@ -75,15 +75,24 @@ def set_max_pool(impl: str) -> None:
 
     Both give the same outputs, and the same gradients except where several inputs of a window tie
     for its maximum (``window`` sends the gradient to one, ``blocks`` splits it; after a ReLU the
-    common tie, zeros, has no gradient either way). ``blocks`` (default): the input, padded to even
-    sizes with -inf, is reshaped into 2x2 blocks and reduced with ``max``, which differentiates to
-    elementwise compares. ``window``: ``reduce_window``, differentiated by select-and-scatter, whose
-    scatters and their second-order terms took 18% of the paper model's outer step on an H100; on
-    the CPU ``blocks`` was as fast and needed a third less temporary memory (benchmarks/RESULTS.md)."""
+    common tie, zeros, has no gradient either way). ``blocks``: the input, padded to even sizes with
+    -inf, is reshaped into 2x2 blocks and reduced with ``max``, which differentiates to elementwise
+    compares. ``window``: ``reduce_window``, differentiated by select-and-scatter, whose scatters and
+    their second-order terms took 18% of the paper model's outer step on an H100. ``auto`` (default):
+    ``window`` on CPU (``blocks`` was as fast there at the one size timed, compiled 20-30% slower at
+    tiny sizes, and needed a third less temporary memory), ``blocks`` on GPU/TPU, chosen from that
+    profile, not yet timed (benchmarks/RESULTS.md)."""
     global _max_pool_impl
     if impl not in MAX_POOLS:
         raise ValueError(f"max pool must be one of {', '.join(MAX_POOLS)}, got {impl!r}")
     _max_pool_impl = impl
+
+
+def max_pool_impl() -> str:
+    """The max-pool implementation models built now use (``auto`` resolved for the default backend)."""
+    if _max_pool_impl != "auto":
+        return _max_pool_impl
+    return "window" if jax.default_backend() == "cpu" else "blocks"
 
 
 def _max_pool_blocks(x):
@@ -95,7 +104,7 @@ def _max_pool_blocks(x):
 
 
 def _max_pool(x, k=2, s=2):
-    if k == 2 and s == 2 and _max_pool_impl == "blocks":
+    if k == 2 and s == 2 and max_pool_impl() == "blocks":
         return _max_pool_blocks(x)
     return nn.max_pool(x, window_shape=(k, k), strides=(s, s), padding="SAME")
 

@@ -97,9 +97,9 @@ flags.DEFINE_enum("remat", "auto", list(distill.REMAT_CHOICES),
                   "rematerialisation of the inner loop; auto: the fastest (none, step, nested) whose compiled step "
                   "fits the device's free memory")
 flags.DEFINE_integer("remat_segment", 0, "steps per checkpointed segment (nested); 0: divisor of syn_steps nearest its sqrt")
-flags.DEFINE_enum("max_pool", "blocks", list(models.MAX_POOLS),
+flags.DEFINE_enum("max_pool", "auto", list(models.MAX_POOLS),
                   "2x2 max pooling of cnn6/vgg15: blocks (reshape + max, elementwise gradients) or window "
-                  "(reduce_window, select-and-scatter gradients); same outputs")
+                  "(reduce_window, select-and-scatter gradients), same outputs; auto: window on CPU, blocks elsewhere")
 flags.DEFINE_integer("scan_unroll", 0, "inner scan unroll factor; 0: per backend (full on CPU, 1 on GPU/TPU)")
 flags.DEFINE_integer("mesh_devices", 0, "spread the experts, the synthetic set and the evaluation seeds over this many "
                      "devices (0: one device)")

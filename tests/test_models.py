@@ -87,10 +87,10 @@ def test_kernel_size_option():
 @pytest.fixture
 def max_pool_restored():
     yield
-    models.set_max_pool("blocks")
+    models.set_max_pool("auto")
 
 
-def test_max_pool_blocks_match_reduce_window_without_scatter(max_pool_restored):
+def test_max_pool_blocks_match_reduce_window_without_scatter(max_pool_restored, monkeypatch):
     """cnn6 at an odd input size: same logits, gradients and the meta-gradient's second-order terms
     with either implementation; only ``window`` differentiates through select-and-scatter."""
     fm_spec = ModelSpec(name="cnn6", width_mult=0.0625, n_classes=3, input_shape=(37, 21))
@@ -110,5 +110,9 @@ def test_max_pool_blocks_match_reduce_window_without_scatter(max_pool_restored):
     for a, b in zip(blocks[:3], window[:3]):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
     assert "scatter" in window[3] and "scatter" not in blocks[3]
+    models.set_max_pool("auto")                       # auto: window on CPU, blocks on accelerators
+    for backend, impl in (("cpu", "window"), ("gpu", "blocks"), ("tpu", "blocks")):
+        monkeypatch.setattr(jax, "default_backend", lambda b=backend: b)
+        assert models.max_pool_impl() == impl
     with pytest.raises(ValueError, match="max pool must be one of"):
         models.set_max_pool("avg")
