@@ -19,10 +19,10 @@ from collections import defaultdict
 from pathlib import Path
 
 # first match wins; matched against the lower-cased kernel name and its HLO op
-CATEGORIES = (("convolution", ("conv", "cudnn", "xmma", "implicit_gemm", "wgrad", "dgrad", "fprop")),
+CATEGORIES = (("copy / layout", ("memcpy", "memset", "copy", "transpose", "nchwtonhwc", "nhwctonchw")),
+              ("convolution", ("conv", "cudnn", "xmma", "implicit_gemm", "wgrad", "dgrad", "fprop")),
               ("matmul", ("gemm", "cublas", "cutlass", "nvjet", "matmul", "dot")),
               ("pooling / scatter", ("scatter", "reduce_window", "reduce-window")),
-              ("copy / transpose", ("memcpy", "memset", "copy", "transpose")),
               ("reduction", ("reduce", "reduction")),
               ("elementwise fusion", ("fusion", "loop_", "input_", "triton")))
 
