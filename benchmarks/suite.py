@@ -195,10 +195,10 @@ def main(argv):
             else:
                 results.append(run_one(name, args, min(limit, left), Path(tmp) / f"{name}.json",
                                        out / "logs" / f"{name}.log"))
-                run_dir = next((a.split("=", 1)[1] for a in args if a.startswith("--workdir=")), "")
-                report = Path(run_dir) / "report.json"
-                if name.startswith("pipeline") and report.is_file():    # the whole report, beside the table
-                    shutil.copyfile(report, out / f"{name}_report.json")
+                if name.startswith("pipeline"):    # the whole report, beside the table
+                    report = Path(_arg(args, "workdir")) / "report.json"
+                    if report.is_file():
+                        shutil.copyfile(report, out / f"{name}_report.json")
             print(f"{name}: {results[-1]['status']} ({results[-1]['seconds']} s)", flush=True)
             write(out, env, results)
     print(f"wrote {out / 'suite.json'} and {out / 'suite.md'}")

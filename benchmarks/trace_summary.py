@@ -90,8 +90,9 @@ def summarise(path: str | Path, top: int = 15) -> dict:
         by_name[key] += e["dur"]
         counts[key] += 1
     pct = lambda us: round(100 * us / kernel_total, 1)
+    busy = busy_union(kernels)
     return {"trace": str(trace), "source": source, "n_kernels": len(kernels), "span_ms": span / 1e3,
-            "busy_ms": busy_union(kernels) / 1e3, "busy_%": round(100 * busy_union(kernels) / span, 1),
+            "busy_ms": busy / 1e3, "busy_%": round(100 * busy / span, 1),
             "kernel_ms": kernel_total / 1e3,
             "categories": {k: {"ms": v / 1e3, "%": pct(v)} for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])},
             "top": [{"kernel": k, "calls": counts[k], "ms": v / 1e3, "%": pct(v)}

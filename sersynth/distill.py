@@ -250,6 +250,16 @@ def init_state(cfg: DistillConfig, x_train: np.ndarray, y_train: np.ndarray, n_c
                         step=zero(), n_nonfinite=zero(), n_lr_floor=zero())
 
 
+def inner_batch(cfg: DistillConfig, n_syn: int) -> int:
+    """Synthetic samples per inner step: ``batch_syn``, or all ``n_syn`` when it is 0 or larger."""
+    return cfg.batch_syn if 0 < cfg.batch_syn < n_syn else n_syn
+
+
+def loss_grad(fm: FlatModel) -> Callable:
+    """``grad(theta, x, targets)``: gradient of the soft cross-entropy an inner step descends."""
+    return jax.grad(lambda th, xb, tb: soft_cross_entropy(fm.apply(th, xb), tb))
+
+
 def measure_lr_init(fm: FlatModel, cfg: DistillConfig, trajectories: np.ndarray, x_train: np.ndarray,
                     y_train: np.ndarray, n_classes: int, seed: int, max_segments: int = 64) -> DistillConfig:
     """This config with ``lr_init=0`` (auto) replaced by a measured starting lr; any other is kept.
@@ -269,9 +279,9 @@ def measure_lr_init(fm: FlatModel, cfg: DistillConfig, trajectories: np.ndarray,
         params = {**params, "y": expert_label_logits(fm, cfg, trajectories, params["x"], state.labels, n_classes)}
     x, targets = params["x"], targets_of(params, state.labels, n_classes)
     n = x.shape[0]
-    batch = cfg.batch_syn if 0 < cfg.batch_syn < n else n
-    grad_norm = jax.jit(lambda th, xb, tb: jnp.linalg.norm(
-        jax.grad(lambda p: soft_cross_entropy(fm.apply(p, xb), tb))(th).astype(jnp.float32)))
+    batch = inner_batch(cfg, n)
+    grad = loss_grad(fm)
+    grad_norm = jax.jit(lambda th, xb, tb: jnp.linalg.norm(grad(th, xb, tb).astype(jnp.float32)))
     segments = [(e, s) for e in range(trajectories.shape[0]) for s in range(cfg.max_start_epoch)]
     rng = np.random.default_rng(seed)
     if len(segments) > max_segments:
@@ -306,9 +316,9 @@ def unrolled_inner_loop(fm: FlatModel, cfg: DistillConfig, theta: jax.Array, x: 
 
 def _inner_step(fm: FlatModel, cfg: DistillConfig, x, targets, lr, key) -> Callable:
     n = x.shape[0]
-    batch = cfg.batch_syn if 0 < cfg.batch_syn < n else n
+    batch = inner_batch(cfg, n)
     kbatch, kaug = jax.random.split(key)
-    grad = jax.grad(lambda th, xb, tb: soft_cross_entropy(fm.apply(th, xb), tb))
+    grad = loss_grad(fm)
 
     def step(theta, i):
         if batch < n:
