@@ -124,6 +124,21 @@ def plot_confusions(matrices: dict[str, np.ndarray], classes: list[str], path: P
     return _save(fig, path)
 
 
+def mel_to_power_spectrum(mel: np.ndarray, basis: np.ndarray, iterations: int = 200) -> np.ndarray:
+    """``[bins, frames]`` non-negative power spectrum whose Mel projection ``basis @ S`` approximates
+    ``mel [n_mels, frames]``: least squares, clipped at zero, refined by a fixed number of
+    multiplicative non-negative least-squares updates (Lee & Seung). Its cost is bounded, unlike an
+    iterative solver run to convergence (librosa's ``mel_to_stft`` ran for minutes on one distilled
+    spectrogram)."""
+    scale = max(float(mel.max()), 1e-30)                   # the updates are scale-free; keep numbers near 1
+    m = mel / scale
+    s = np.maximum(np.linalg.pinv(basis) @ m, 0.0) + 1e-12
+    gram, target = basis.T @ basis, basis.T @ m
+    for _ in range(iterations):
+        s *= target / (gram @ s + 1e-12)
+    return s * scale
+
+
 def render_audio(x: np.ndarray, labels: np.ndarray, classes: list[str], mel_mean: np.ndarray, mel_std: np.ndarray,
                  features: dict, out_dir: Path, per_class: int = 2) -> list[Path]:
     """Griffin-Lim WAV renders of distilled spectrograms (needs librosa and soundfile; skipped without)."""
@@ -135,13 +150,14 @@ def render_audio(x: np.ndarray, labels: np.ndarray, classes: list[str], mel_mean
         return []
     out = []
     sr = features["sample_rate"]
+    basis = librosa.filters.mel(sr=sr, n_fft=features["n_fft"], n_mels=x.shape[-1], fmin=features["fmin"],
+                                fmax=features["fmax"] or sr / 2).astype(np.float64)
     for c, name in enumerate(classes):
         for k, i in enumerate(np.flatnonzero(labels == c)[:per_class]):
             db = x[i] * mel_std + mel_mean                                  # [frames, n_mels] in dB
-            mel = librosa.db_to_power(db.T)
-            audio = librosa.feature.inverse.mel_to_audio(
-                mel, sr=sr, n_fft=features["n_fft"], hop_length=features["hop_length"], power=2.0,
-                fmin=features["fmin"], fmax=features["fmax"] or sr / 2, n_iter=32)
+            power = mel_to_power_spectrum(librosa.db_to_power(db.T.astype(np.float64)), basis)
+            audio = librosa.griffinlim(np.sqrt(power), n_iter=32, hop_length=features["hop_length"],
+                                       n_fft=features["n_fft"])
             audio = 0.9 * audio / (np.max(np.abs(audio)) + 1e-9)
             path = out_dir / f"{name}_{k}.wav"
             path.parent.mkdir(parents=True, exist_ok=True)
