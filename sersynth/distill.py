@@ -291,11 +291,13 @@ def measure_lr_init(fm: FlatModel, cfg: DistillConfig, trajectories: np.ndarray,
         start = jnp.asarray(trajectories[e, s], jnp.float32)
         travelled = float(jnp.linalg.norm(jnp.asarray(trajectories[e, s + cfg.expert_epochs], jnp.float32) - start))
         ids = rng.permutation(n)[:batch]
-        ratios.append(travelled / (cfg.syn_steps * max(float(grad_norm(start, x[ids], targets[ids])), 1e-30)))
-    lr = float(np.median(ratios))
+        g = float(grad_norm(start, x[ids], targets[ids]))
+        if g > 1e-8:              # a vanishing gradient (a dead network) says nothing about the distance
+            ratios.append(travelled / (cfg.syn_steps * g))
+    lr = float(np.median(ratios)) if ratios else float("nan")
     if not math.isfinite(lr) or lr <= 0:
-        raise ValueError(f"--lr_init=0: could not measure a starting lr (got {lr}; the experts did not move?); "
-                         "give --lr_init")
+        raise ValueError(f"--lr_init=0: could not measure a starting lr (got {lr}; the experts did not move, or "
+                         "the synthetic set's gradient vanished at every start?); give --lr_init")
     return dataclasses.replace(cfg, lr_init=lr, lr_min=min(cfg.lr_min, lr / 2))
 
 

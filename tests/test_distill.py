@@ -299,7 +299,7 @@ def test_remat_auto_picks_the_fastest_policy_that_fits(setup):
     assert int(new.step) == 1
 
 
-def test_measured_lr_init_lets_the_student_travel_as_far_as_the_experts(setup):
+def test_measured_lr_init_lets_the_student_travel_as_far_as_the_experts(setup, monkeypatch):
     """--lr_init=0: experts whose every epoch is one step of ``syn_steps * eta`` along the gradient of
     the starting synthetic set are matched from exactly ``eta``, whatever lr they were trained with;
     an explicit lr_init is kept; distill() refuses an unresolved 0; experts that never moved are an error."""
@@ -323,6 +323,11 @@ def test_measured_lr_init_lets_the_student_travel_as_far_as_the_experts(setup):
         distill.distill(fm, cfg, traj, x, y, n_classes, 0)
     with pytest.raises(ValueError, match="could not measure"):
         distill.measure_lr_init(fm, cfg, np.repeat(traj[:, :1], traj.shape[1], axis=1), x, y, n_classes, 0)
+    # experts at which the synthetic set's gradient vanishes (dead networks) cannot set the lr: an error,
+    # not the astronomical distance / ~0 ratio (1e27 from a table slice's untrained VGG-15 experts)
+    monkeypatch.setattr(distill, "loss_grad", lambda fm_: lambda th, xb, tb: 1e-20 * jnp.ones_like(th))
+    with pytest.raises(ValueError, match="could not measure"):
+        distill.measure_lr_init(fm, cfg, traj, x, y, n_classes, 0)
 
 
 def test_expert_label_init_starts_from_the_experts_logits(setup):
