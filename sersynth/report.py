@@ -154,8 +154,10 @@ def render_audio(x: np.ndarray, labels: np.ndarray, classes: list[str], mel_mean
                                 fmax=features["fmax"] or sr / 2).astype(np.float64)
     for c, name in enumerate(classes):
         for k, i in enumerate(np.flatnonzero(labels == c)[:per_class]):
-            db = x[i] * mel_std + mel_mean                                  # [frames, n_mels] in dB
-            power = mel_to_power_spectrum(librosa.db_to_power(db.T.astype(np.float64)), basis)
+            db = (x[i] * mel_std + mel_mean).astype(np.float64)            # [frames, n_mels] in dB
+            # relative to its loudest bin (the render is scaled at the end anyway): a distilled spectrogram
+            # thousands of dB high would overflow to an infinite power and a NaN WAV
+            power = mel_to_power_spectrum(librosa.db_to_power(db.T - db.max()), basis)
             audio = librosa.griffinlim(np.sqrt(power), n_iter=32, hop_length=features["hop_length"],
                                        n_fft=features["n_fft"])
             audio = 0.9 * audio / (np.max(np.abs(audio)) + 1e-9)

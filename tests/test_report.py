@@ -34,7 +34,8 @@ def test_render_audio_writes_finite_wavs_for_extreme_spectrograms(tmp_path):
     inversion busy for minutes); every render still comes back, finite and scaled."""
     rng = np.random.default_rng(1)
     x = rng.normal(0, 8, (4, 32, N_MELS)).astype(np.float32)        # in units of the corpus's Mel std
-    x[1] = 40.0
+    x[1] = 40.0                                                     # 760 dB
+    x[3, :16] = 200.0                                               # 3,960 dB: past float64's range as power
     mel_mean, mel_std = np.full(N_MELS, -40.0, np.float32), np.full(N_MELS, 20.0, np.float32)
     feats = {"sample_rate": SR, "n_fft": N_FFT, "hop_length": HOP, "fmin": 0.0, "fmax": 0}
     paths = report.render_audio(x, np.array([0, 1, 2, 3]), ["a", "b", "c", "d"], mel_mean, mel_std, feats,
