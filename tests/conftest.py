@@ -1,9 +1,20 @@
 """Shared tiny fixtures: an embedded corpus and its feature cache, built once per session."""
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
+
 import pytest
 
-from sersynth.data import features, prepare, synth_corpus
+# One XLA compilation cache for the session (this process and every command a test starts): programs
+# compiled by one test are loaded by the next instead of compiled again. Set before JAX is imported.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="sersynth-xla-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+from sersynth.data import features, prepare, synth_corpus  # noqa: E402
 
 TINY_CORPUS = synth_corpus.CorpusConfig(n_speakers=6, utterances=3, emotions=("anger", "sadness", "happiness"),
                                         min_syllables=2, max_syllables=3)

@@ -134,8 +134,14 @@ def test_same_flags_same_result(finished_run, tmp_path):
     workdir, _ = finished_run
     command = (workdir / "command.flags").read_text()
     assert "--ipc=2\n" in command and "--noprogress\n" in command and "--overwrite" not in command
+    # every program the re-run compiles was stored by the first run (the session's --compile_cache, set in
+    # conftest): it is loaded from there, not compiled and stored again
+    xla = Path(os.environ["JAX_COMPILATION_CACHE_DIR"])
+    stored = {p.name: p.stat().st_mtime_ns for p in xla.iterdir()}
+    assert any(name.startswith("jit_outer_step") for name in stored)
     run_cli(f"--flagfile={workdir / 'command.flags'}", f"--workdir={tmp_path}", f"--cache_dir={workdir / 'cache'}",
             "--stage=experts,distill", "--tensorboard")
+    assert {p.name: p.stat().st_mtime_ns for p in xla.iterdir()} == stored
     a = load_npz(workdir / "distill" / "distilled.npz")
     b = load_npz(tmp_path / "distill" / "distilled.npz")
     np.testing.assert_array_equal(a["x"], b["x"])
@@ -319,6 +325,16 @@ def test_experts_from_another_cache_are_refused(finished_run, tmp_path):
                              distill=pipeline.distill_lib.DistillConfig(**cfg_json["distill"]))
     with pytest.raises(pipeline.RunError, match="experts were trained on feature cache"):
         pipeline.stage_distill(cfg, other, ex)
+
+
+def test_compile_cache_folder():
+    from sersynth.runner import compile_cache_dir
+
+    assert compile_cache_dir("none", {"JAX_COMPILATION_CACHE_DIR": "/j"}) is None
+    assert compile_cache_dir("/x", {"JAX_COMPILATION_CACHE_DIR": "/j"}) == "/x"
+    assert compile_cache_dir("auto", {"JAX_COMPILATION_CACHE_DIR": "/j", "XDG_CACHE_HOME": "/c"}) == "/j"
+    assert compile_cache_dir("auto", {"XDG_CACHE_HOME": "/c"}) == os.path.join("/c", "sersynth", "xla")
+    assert compile_cache_dir("auto", {}).endswith(os.path.join(".cache", "sersynth", "xla"))
 
 
 @pytest.mark.parametrize("flag,message", [
