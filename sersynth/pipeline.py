@@ -39,7 +39,7 @@ from sersynth.models import MODELS, ModelSpec, flat_model
 STAGES = ("prepare", "experts", "distill", "evaluate")
 # settings that change only how a distilled set is evaluated: a run directory re-evaluated under other
 # values (--stage=evaluate) keeps the earlier evaluation in EARLIER_EVALUATIONS
-EVALUATION_SETTINGS = ("eval_seeds", "eval_epochs", "eval_lr_grid", "eval_optimizer", "eval_batch_size",
+EVALUATION_SETTINGS = ("eval_seeds", "eval_epochs", "eval_lr_grid", "eval_lr_choice", "eval_optimizer", "eval_batch_size",
                        "eval_select_every", "eval_patience", "reference_epochs", "render_per_class",
                        "privacy_audit", "baselines", "eval_models", "dm")
 EARLIER_EVALUATIONS = "earlier_evaluations"
@@ -66,7 +66,7 @@ def run_identity(recorded: dict) -> dict:
     settings added after runs were recorded, where they hold the value that reproduces the older
     behaviour (``mia_holdout`` off; ``distill.ADDED_LATER`` in the distillation's and DM's settings):
     a run recorded before or after a setting existed is the same run."""
-    d = without_added_later(recorded, {"mia_holdout": 0.0, "select_lr": "learned"})
+    d = without_added_later(recorded, {"mia_holdout": 0.0, "select_lr": "learned", "eval_lr_choice": "each"})
     for part in ("distill", "dm"):
         if isinstance(d.get(part), dict):
             d[part] = without_added_later(d[part], distill_lib.ADDED_LATER)
@@ -107,6 +107,7 @@ class RunConfig:
     eval_seeds: int = 5
     eval_epochs: int = 300                # epochs on distilled / subset data
     eval_lr_grid: tuple[float, ...] = (0.3, 1.0, 3.0)   # lr candidates: the learned lr and expert lr x each
+    eval_lr_choice: str = "each"          # each setting chooses its lr | shared: the random subset's choice for all
     select_lr: str = "learned"            # validation during distillation trains at: learned | candidates
     eval_optimizer: str = "learned_sgd"   # learned_sgd | mtt | expert (see protocol.eval_config)
     eval_batch_size: int = 0              # minibatch when training on small sets; 0 = the experts' batch size
@@ -182,8 +183,11 @@ class RunConfig:
             raise RunError("--eval_patience needs --eval_select_every (the validation checks it counts)")
         if self.eval_batch_size < 0:
             raise RunError(f"--eval_batch_size must be >= 0, got {self.eval_batch_size}")
-        if not self.eval_lr_grid or min(self.eval_lr_grid) <= 0:
-            raise RunError("--eval_lr_grid needs positive multipliers")
+        if self.eval_lr_grid and min(self.eval_lr_grid) <= 0:
+            raise RunError("--eval_lr_grid needs positive multipliers (or none: the learned lr alone)")
+        if self.eval_lr_choice not in protocol.LR_CHOICES:
+            raise RunError(f"--eval_lr_choice must be one of {', '.join(protocol.LR_CHOICES)}, "
+                           f"got {self.eval_lr_choice!r}")
         if self.select_lr not in SELECT_LR:
             raise RunError(f"--select_lr must be one of {', '.join(SELECT_LR)}, got {self.select_lr!r}")
         if self.tune.grid:

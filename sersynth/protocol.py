@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import hashlib
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 EVAL_OPTIMIZERS = ("learned_sgd", "mtt", "expert")
 BASELINES = ("kcenter", "dm")      # run on request, beyond the random subset and herding (always run)
+LR_CHOICES = ("each", "shared")    # every setting chooses its lr, or the random subset chooses for all
 
 
 def eval_config(cfg: RunConfig) -> train.TrainConfig:
@@ -60,9 +61,12 @@ def syn_lr(cfg: RunConfig, learned_lr: float) -> float | None:
 def lr_candidates(cfg: RunConfig, learned_lr: float) -> list[float]:
     """The lrs every small-set setting (distilled or coreset) may train at, each setting choosing
     on validation: the learned lr (except with the experts' own optimiser) and the experts' lr x
-    each of ``eval_lr_grid``. The same candidates for every setting, so no setting is favoured."""
+    each of ``eval_lr_grid``. The same candidates for every setting, so no setting is favoured. An
+    empty grid: the learned lr alone (the experts' lr alone with their own optimiser)."""
     grid = [cfg.expert_train.lr * m for m in cfg.eval_lr_grid]
-    return list(dict.fromkeys(grid if cfg.eval_optimizer == "expert" else [learned_lr, *grid]))
+    if cfg.eval_optimizer == "expert":
+        return list(dict.fromkeys(grid or [cfg.expert_train.lr]))
+    return list(dict.fromkeys([learned_lr, *grid]))
 
 
 def train_small(cfg, fm, x, targets, lr, inits, key, eval_sets, n_classes, name):
@@ -169,6 +173,23 @@ def _train_set(cfg, fm, name, pairs, inits, key, sets, n_classes, cands, per_see
     return eval_lib.choose_lr(at, cands)
 
 
+def shared_lr(cfg: RunConfig, train_random_subset: Callable[[list[float]], eval_lib.Result], cands: list[float]
+              ) -> tuple[list[float], eval_lib.Result | None]:
+    """``--eval_lr_choice=shared``: the random subset (the neutral small set) chooses among ``cands``
+    on validation and every other small set of that model trains at its choice, so one model's
+    settings cost one training each plus the random subset's other candidates. Returns ``(the
+    candidates the other settings train at, the random subset's result or None)``."""
+    if cfg.eval_lr_choice != "shared" or len(cands) == 1:
+        return cands, None
+    r = train_random_subset(cands)
+    return [float(r.extra["lr"])], r
+
+
+def _chosen_by_random_subset(r: eval_lib.Result) -> eval_lib.Result:
+    r.extra["lr_chosen_by"] = "random_subset"
+    return r
+
+
 def train_every_setting(cfg: RunConfig, fm, ex: Experts, x_tr, y_tr, sets: dict, n_classes: int, x_syn, t_syn,
                         lr: float, key, store: Path | None = None) -> tuple[dict[str, eval_lib.Result], list[float], dict]:
     """Trains and scores every setting of the report: the experts (as trained), the full-data
@@ -186,14 +207,22 @@ def train_every_setting(cfg: RunConfig, fm, ex: Experts, x_tr, y_tr, sets: dict,
     cands = lr_candidates(cfg, lr)
     pools, info = small_sets(cfg, fm, ex, x_tr, y_tr, n_classes, x_syn, t_syn)
     random_inits = fm.init_many(jax.random.split(jax.random.fold_in(key, 1), cfg.eval_seeds))
+    coresets = [n for n in pools if n != "distilled"]
+    keys = {name: jax.random.fold_in(key, 3 + k) for k, name in enumerate(coresets)}
+    use, done = shared_lr(cfg, lambda c: _train_set(cfg, fm, "random_subset_fixed_init", pools["random_subset"],
+                                                    ex.inits, keys["random_subset"], sets, n_classes, c, True), cands)
     results["distilled_fixed_init"] = _train_set(cfg, fm, "distilled_fixed_init", pools["distilled"], ex.inits, key,
-                                                 sets, n_classes, cands, False)
+                                                 sets, n_classes, use, False)
     results["distilled_random_init"] = _train_set(cfg, fm, "distilled_random_init", pools["distilled"], random_inits,
-                                                  jax.random.fold_in(key, 2), sets, n_classes, cands, False)
-    for k, (name, pairs) in enumerate((n, p) for n, p in pools.items() if n != "distilled"):
+                                                  jax.random.fold_in(key, 2), sets, n_classes, use, False)
+    for name in coresets:
         setting = f"{name}_fixed_init"
-        results[setting] = _train_set(cfg, fm, setting, pairs, ex.inits, jax.random.fold_in(key, 3 + k), sets,
-                                      n_classes, cands, name in PER_SEED)
+        results[setting] = done if done is not None and name == "random_subset" else _train_set(
+            cfg, fm, setting, pools[name], ex.inits, keys[name], sets, n_classes, use, name in PER_SEED)
+    if done is not None:
+        for setting, r in results.items():
+            if setting.endswith("_init") and setting != "random_subset_fixed_init":
+                _chosen_by_random_subset(r)
     if "dm" in info:
         results["dm_fixed_init"] = dataclasses.replace(results["dm_fixed_init"],
                                                        extra={**results["dm_fixed_init"].extra, "dm": info["dm"]})
@@ -208,8 +237,16 @@ def train_other_model(cfg: RunConfig, fm_other, x_tr, y_tr, sets: dict, n_classe
     inits = fm_other.init_many(jax.random.split(jax.random.fold_in(key, 7), cfg.eval_seeds))
     out = {"full_data_reference": train_reference(cfg, fm_other, x_tr, y_tr, inits, jax.random.fold_in(key, 8), sets,
                                                   n_classes, store)}
-    for k, (name, pairs) in enumerate(pools.items()):
+    keys = {name: jax.random.fold_in(key, 9 + k) for k, name in enumerate(pools)}
+    use, done = shared_lr(cfg, lambda c: _train_set(cfg, fm_other, "random_subset_random_init", pools["random_subset"],
+                                                    inits, keys["random_subset"], sets, n_classes, c, True), cands)
+    for name, pairs in pools.items():
         setting = f"{name}_random_init"
-        out[setting] = _train_set(cfg, fm_other, setting, pairs, inits, jax.random.fold_in(key, 9 + k), sets,
-                                  n_classes, cands, name in PER_SEED)
+        if done is not None and name == "random_subset":
+            out[setting] = done
+            continue
+        out[setting] = _train_set(cfg, fm_other, setting, pairs, inits, keys[name], sets, n_classes, use,
+                                  name in PER_SEED)
+        if done is not None:
+            _chosen_by_random_subset(out[setting])
     return out

@@ -126,7 +126,12 @@ flags.DEFINE_integer("log_every", 10, "write metrics every N iterations (the onl
 flags.DEFINE_integer("eval_seeds", 5, "random initialisations / random subsets per evaluated setting")
 flags.DEFINE_integer("eval_epochs", 300, "epochs when training on the distilled set or a random subset")
 flags.DEFINE_list("eval_lr_grid", ["0.3", "1", "3"], "lr candidates of every small-set setting (distilled, random "
-                  "subset, herding), each choosing on validation: the learned lr and --expert_lr x each of these")
+                  "subset, herding), each choosing on validation: the learned lr and --expert_lr x each of these (empty: "
+                  "the learned lr alone)")
+flags.DEFINE_enum("eval_lr_choice", "each", list(protocol.LR_CHOICES),
+                  "each: every small-set setting chooses its lr among the candidates on validation; shared: the "
+                  "random subset chooses (per trained model) and every other setting trains at its choice (one "
+                  "training per setting instead of one per candidate)")
 flags.DEFINE_enum("eval_optimizer", "learned_sgd", list(protocol.EVAL_OPTIMIZERS),
                   "training on distilled/subset data: learned_sgd (plain SGD, the learned lr), mtt (MTT's evaluation: "
                   "momentum 0.9, weight decay 5e-4, learned lr x0.1 at half the epochs) or expert (the experts' "
@@ -239,7 +244,8 @@ def config_from_flags() -> pipeline.RunConfig:
             init_mix=F.syn_init_mix, init_noise=F.syn_init_noise,
             augment=F.syn_augment, remat=F.remat, segment=F.remat_segment, unroll=F.scan_unroll),
         mesh_devices=F.mesh_devices, eval_every=F.eval_every, checkpoint_every=F.checkpoint_every, log_every=F.log_every,
-        eval_seeds=F.eval_seeds, eval_epochs=F.eval_epochs, eval_lr_grid=lr_grid, select_lr=F.select_lr,
+        eval_seeds=F.eval_seeds, eval_epochs=F.eval_epochs, eval_lr_grid=lr_grid, eval_lr_choice=F.eval_lr_choice,
+        select_lr=F.select_lr,
         eval_optimizer=F.eval_optimizer,
         eval_batch_size=F.eval_batch_size, eval_select_every=F.eval_select_every, eval_patience=F.eval_patience, tune=tune, reference_epochs=F.reference_epochs,
         render_per_class=F.render_per_class, privacy_audit=F.privacy_audit, mia_holdout=F.mia_holdout,

@@ -248,7 +248,7 @@ def test_a_distilled_set_is_re_evaluated_under_other_evaluation_settings(finishe
     proc = run("--stage=evaluate", "--eval_seeds=3", "--ipc=3")
     assert proc.returncode == 2 and "differ: distill, eval_seeds" in proc.stderr and "alone" not in proc.stderr
     assert not (workdir / pipeline.EARLIER_EVALUATIONS).exists()
-    proc = run("--stage=evaluate", "--eval_seeds=3", "--eval_optimizer=mtt", "--baselines=")
+    proc = run("--stage=evaluate", "--eval_seeds=3", "--eval_optimizer=mtt", "--baselines=", "--eval_lr_choice=shared")
     assert proc.returncode == 0, proc.stderr[-3000:]
     kept = workdir / pipeline.EARLIER_EVALUATIONS / "1"
     assert {name: (kept / name).read_bytes() for name in before} == before
@@ -256,6 +256,12 @@ def test_a_distilled_set_is_re_evaluated_under_other_evaluation_settings(finishe
     report = json.loads((workdir / "report.json").read_text())
     assert len(report["results"]["distilled_random_init"]["uar"]["test"]) == 3
     assert "kcenter_subset_fixed_init" not in report["results"]
+    # --eval_lr_choice=shared: the random subset chose among every candidate, the other settings trained at its lr
+    chosen = report["results"]["random_subset_fixed_init"]["extra"]
+    assert len(chosen["lr_val_uar"]) == len(report["lr_candidates"]) == 4
+    for name in ("distilled_fixed_init", "distilled_random_init", "herding_subset_fixed_init"):
+        extra = report["results"][name]["extra"]
+        assert (extra["lr"], extra["lr_chosen_by"], len(extra["lr_val_uar"])) == (chosen["lr"], "random_subset", 1)
     # the same set, now describing the evaluation in the report (what `sersynth train` reads)
     now = artifact.load_set(workdir / "distill" / "distilled.npz")
     assert all(np.array_equal(getattr(now, k), getattr(distilled, k)) for k in ("x", "labels", "targets", "mel_std"))
@@ -346,6 +352,7 @@ def test_compile_cache_folder():
     ("--corpus=ravdes", "error: unknown corpus 'ravdes'"),
     ("--corpus=ravdess", "error: --corpus=ravdess needs --corpus_dir"),
     ("--n_mels=4000", "error: n_mels must be in"),
+    ("--eval_lr_grid=0,1", "error: --eval_lr_grid needs positive multipliers"),
 ])
 def test_bad_flags_fail_fast_with_one_line(tmp_path, flag, message):
     proc = run_cli(f"--workdir={tmp_path / 'w'}", *TINY_FLAGS, flag, check=False)
@@ -407,6 +414,11 @@ def test_eval_optimizer_choices():
     assert protocol.lr_candidates(pipeline.RunConfig(**base), 0.02) == pytest.approx([0.02, 3e-4, 1e-3, 3e-3])
     assert protocol.lr_candidates(pipeline.RunConfig(eval_optimizer="expert", **base), 0.02) == \
         pytest.approx([3e-4, 1e-3, 3e-3])
+    # no grid: the learned lr alone (the experts' own with their optimiser)
+    assert protocol.lr_candidates(pipeline.RunConfig(eval_lr_grid=(), **base), 0.02) == pytest.approx([0.02])
+    assert protocol.lr_candidates(pipeline.RunConfig(eval_lr_grid=(), eval_optimizer="expert", **base), 0.02) == \
+        pytest.approx([1e-3])
+    pipeline.RunConfig(eval_lr_grid=(), **base).validate()
     with pytest.raises(pipeline.RunError, match="--eval_patience needs --eval_select_every"):
         pipeline.RunConfig(eval_patience=2, **base).validate()
     with pytest.raises(pipeline.RunError, match="--eval_optimizer must be"):
