@@ -75,6 +75,15 @@ def test_table_slice_resumes_and_writes_every_row(tmp_path):
         assert float(r["fraction_of_train"]) > 0
     report = json.loads((w / "vgg15_ipc2" / "report.json").read_text())
     assert set(report["other_models"]) == {"cnn6"}
+    # the preset's --eval_lr_choice=shared: per trained model the random subset chose among the lr candidates
+    # on validation, and every other setting trained at its choice alone
+    for res, rs in ((report["results"], "random_subset_fixed_init"),
+                    (report["other_models"]["cnn6"]["results"], "random_subset_random_init")):
+        assert len(res[rs]["extra"]["lr_val_uar"]) == len(report["lr_candidates"]) == 2
+        for name, result in res.items():
+            if name.endswith("_init") and name != rs:
+                assert (result["extra"]["lr"], result["extra"]["lr_chosen_by"], len(result["extra"]["lr_val_uar"])) \
+                    == (res[rs]["extra"]["lr"], "random_subset", 1), name
     r = next(r for r in rows if (r["guide_model"], r["eval_model"], r["ipc"], r["method"]) == ("vgg15", "cnn6", "2", "herding"))
     assert float(r["test_uar_mean"]) == pytest.approx(
         report["other_models"]["cnn6"]["results"]["herding_subset_random_init"]["test_uar_mean"], abs=1e-6)
