@@ -367,10 +367,12 @@ def test_a_setting_added_later_at_its_default_leaves_older_runs_the_same():
     run = pipeline.RunConfig(workdir="w")
     recorded_then = {**run.to_json(), "distill": older}
     recorded_since = {**run.to_json(), "distill": dataclasses.asdict(cfg), "mia_holdout": 0.0,
-                      "select_lr": "learned", "dm": {**run.to_json()["dm"], "init_noise": 0.0}}
+                      "select_lr": "learned", "eval_lr_choice": "each",
+                      "dm": {**run.to_json()["dm"], "init_noise": 0.0}}
     assert pipeline.run_identity(recorded_then) == pipeline.run_identity(recorded_since) == run.to_json()
     assert pipeline.run_identity({**recorded_since, "mia_holdout": 0.1}) != run.to_json()
     assert pipeline.run_identity({**recorded_since, "select_lr": "candidates"}) != run.to_json()
+    assert pipeline.run_identity({**recorded_since, "eval_lr_choice": "shared"}) != run.to_json()
     other = dataclasses.replace(cfg, learn_labels=True)
     assert distill.run_fingerprint(other) != distill.run_fingerprint(dataclasses.replace(other, label_init="expert"))
 
