@@ -126,8 +126,8 @@ flags.DEFINE_integer("log_every", 10, "write metrics every N iterations (the onl
 flags.DEFINE_integer("eval_seeds", 5, "random initialisations / random subsets per evaluated setting")
 flags.DEFINE_integer("eval_epochs", 300, "epochs when training on the distilled set or a random subset")
 flags.DEFINE_list("eval_lr_grid", ["0.3", "1", "3"], "lr candidates of every small-set setting (distilled, random "
-                  "subset, herding), each choosing on validation: the learned lr and --expert_lr x each of these (empty: "
-                  "the learned lr alone)")
+                  "subset, herding), each choosing on validation: the learned lr and --expert_lr x each of these "
+                  "(empty: the learned lr alone)")
 flags.DEFINE_enum("eval_lr_choice", "each", list(protocol.LR_CHOICES),
                   "each: every small-set setting chooses its lr among the candidates on validation; shared: the "
                   "random subset chooses (per trained model) and every other setting trains at its choice (one "
