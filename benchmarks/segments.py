@@ -79,13 +79,10 @@ def main(argv):
         precond = 1.0 / (jnp.sqrt(jnp.mean(minibatch ** 2, axis=0)) + 1e-8)
         losses = {lr: gd_loss(start, target, float(lr)) for lr in F.lrs}
         best = min(losses, key=lambda k: losses[k] if np.isfinite(losses[k]) else np.inf)
-        tensors = []
-        for path, part in jax.tree_util.tree_leaves_with_path(fm.unravel(d)):
-            gpart = fm.unravel(g)
-            for k in path:
-                gpart = gpart[k.key]
-            tensors.append(("/".join(str(k.key) for k in path), float(jnp.sum(part ** 2)), cos(-gpart.ravel(),
-                                                                                              part.ravel())))
+        # the displacement and the gradient tensor by tensor (one tree structure, so the same leaf order)
+        tensors = [("/".join(str(k.key) for k in path), float(jnp.sum(part ** 2)), cos(-gpart.ravel(), part.ravel()))
+                   for (path, part), gpart in zip(jax.tree_util.tree_leaves_with_path(fm.unravel(d)),
+                                                  jax.tree.leaves(fm.unravel(g)))]
         total = sum(sq for _, sq, _ in tensors)
         tensors.sort(key=lambda r: -r[1])
         rows.append({"segment": f"expert {e}, epoch {s}->{s + F.expert_epochs}", "|d|": float(jnp.linalg.norm(d)),

@@ -185,9 +185,11 @@ def shared_lr(cfg: RunConfig, train_random_subset: Callable[[list[float]], eval_
     return [float(r.extra["lr"])], r
 
 
-def _chosen_by_random_subset(r: eval_lib.Result) -> eval_lib.Result:
-    r.extra["lr_chosen_by"] = "random_subset"
-    return r
+def _mark_shared(results: dict[str, eval_lib.Result], chooser: str) -> None:
+    """Records on every small-set setting but ``chooser`` that it trained at the random subset's lr."""
+    for name, r in results.items():
+        if name.endswith("_init") and name != chooser:
+            r.extra["lr_chosen_by"] = "random_subset"
 
 
 def train_every_setting(cfg: RunConfig, fm, ex: Experts, x_tr, y_tr, sets: dict, n_classes: int, x_syn, t_syn,
@@ -220,9 +222,7 @@ def train_every_setting(cfg: RunConfig, fm, ex: Experts, x_tr, y_tr, sets: dict,
         results[setting] = done if done is not None and name == "random_subset" else _train_set(
             cfg, fm, setting, pools[name], ex.inits, keys[name], sets, n_classes, use, name in PER_SEED)
     if done is not None:
-        for setting, r in results.items():
-            if setting.endswith("_init") and setting != "random_subset_fixed_init":
-                _chosen_by_random_subset(r)
+        _mark_shared(results, "random_subset_fixed_init")
     if "dm" in info:
         results["dm_fixed_init"] = dataclasses.replace(results["dm_fixed_init"],
                                                        extra={**results["dm_fixed_init"].extra, "dm": info["dm"]})
@@ -242,11 +242,8 @@ def train_other_model(cfg: RunConfig, fm_other, x_tr, y_tr, sets: dict, n_classe
                                                     inits, keys["random_subset"], sets, n_classes, c, True), cands)
     for name, pairs in pools.items():
         setting = f"{name}_random_init"
-        if done is not None and name == "random_subset":
-            out[setting] = done
-            continue
-        out[setting] = _train_set(cfg, fm_other, setting, pairs, inits, keys[name], sets, n_classes, use,
-                                  name in PER_SEED)
-        if done is not None:
-            _chosen_by_random_subset(out[setting])
+        out[setting] = done if done is not None and name == "random_subset" else _train_set(
+            cfg, fm_other, setting, pairs, inits, keys[name], sets, n_classes, use, name in PER_SEED)
+    if done is not None:
+        _mark_shared(out, "random_subset_random_init")
     return out

@@ -10,6 +10,7 @@ Bad values stop the run before any compute with a one-line ``error: ...`` and ex
 """
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app, flags, logging
@@ -173,8 +174,6 @@ def command_flags(argv: list[str]) -> str:
 
 def compile_cache_dir(setting: str, environ: dict | None = None) -> str | None:
     """The folder ``--compile_cache=setting`` names (None: off)."""
-    import os
-
     environ = os.environ if environ is None else environ
     if setting == "none":
         return None
