@@ -42,7 +42,7 @@ class Experts:
 
 
 def _meta(spec: ModelSpec, cfg: train.TrainConfig, cache_hash: str, n_experts: int, seed: int, storage: str) -> dict:
-    return {"model": spec.to_json(), "train": dataclasses.asdict(cfg), "cache_hash": cache_hash,
+    return {"model": spec.to_json(), "train": cfg.identity(), "cache_hash": cache_hash,
             "n_experts": n_experts, "seed": seed, "storage_dtype": storage}
 
 

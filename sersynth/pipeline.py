@@ -67,9 +67,10 @@ def run_identity(recorded: dict) -> dict:
     behaviour (``mia_holdout`` off; ``distill.ADDED_LATER`` in the distillation's and DM's settings):
     a run recorded before or after a setting existed is the same run."""
     d = without_added_later(recorded, {"mia_holdout": 0.0, "select_lr": "learned", "eval_lr_choice": "each"})
-    for part in ("distill", "dm"):
+    for part, added in (("distill", distill_lib.ADDED_LATER), ("dm", distill_lib.ADDED_LATER),
+                        ("expert_train", train.ADDED_LATER)):
         if isinstance(d.get(part), dict):
-            d[part] = without_added_later(d[part], distill_lib.ADDED_LATER)
+            d[part] = without_added_later(d[part], added)
     return d
 
 
@@ -593,7 +594,7 @@ def _training_speakers(fs: cache_lib.FeatureSet) -> np.ndarray | None:
 def training_meta(cfg: RunConfig, lr: float | None) -> dict:
     """What ``distilled.npz`` tells ``sersynth train``: the run's evaluation protocol and the lr to train at
     (``None``: the protocol's own, the experts' lr)."""
-    return {"train": dataclasses.asdict(protocol.eval_config(cfg)), "eval_optimizer": cfg.eval_optimizer,
+    return {"train": protocol.eval_config(cfg).identity(), "eval_optimizer": cfg.eval_optimizer,
             "lr_for_training": lr}
 
 

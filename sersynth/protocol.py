@@ -43,7 +43,7 @@ def eval_config(cfg: RunConfig) -> train.TrainConfig:
     * ``expert``: the experts' own optimiser, lr and schedule (the paper's).
     """
     small = dict(epochs=cfg.eval_epochs, batch_size=cfg.eval_batch_size or cfg.expert_train.batch_size,
-                 augment=cfg.distill.augment, min_steps_per_epoch=0)     # an epoch of a small set: one pass
+                 augment=cfg.distill.augment, min_steps_per_epoch=0, sam_rho=0.0)     # an epoch of a small set: one pass
     if cfg.eval_optimizer == "expert":
         return dataclasses.replace(cfg.expert_train, **small)
     if cfg.eval_optimizer == "mtt":
@@ -108,7 +108,7 @@ def _reference(cfg: RunConfig, fm, x, y, inits, key, eval_sets: dict, n_classes:
     tc = dataclasses.replace(cfg.expert_train, epochs=epochs)
     path = None
     if store is not None:
-        tag = fingerprint({"model": fm.spec.to_json(), "train": dataclasses.asdict(tc),
+        tag = fingerprint({"model": fm.spec.to_json(), "train": tc.identity(),
                            "data": _digest(x, y, *(a for split in sorted(eval_sets) for a in eval_sets[split])),
                            "inits": _digest(inits), "key": _digest(jax.random.key_data(key)),
                            "splits": sorted(eval_sets), "parallel": cfg.parallel, "epoch_mode": cfg.epoch_mode})

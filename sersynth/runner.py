@@ -62,6 +62,8 @@ flags.DEFINE_integer("expert_train_epochs", 50, "epochs per expert (paper: 50)")
 flags.DEFINE_integer("expert_batch_size", 256, "expert minibatch")
 flags.DEFINE_integer("expert_min_steps_per_epoch", 0, "an expert epoch is at least this many minibatch steps (several "
                      "passes over a small training set; also the full-data reference's epochs); 0: one pass")
+flags.DEFINE_float("expert_sam_rho", 0.0, "sharpness-aware minimisation radius for the experts (and the full-data "
+                   "reference): FTD's flatter trajectories; each step costs two gradients; 0: plain steps")
 flags.DEFINE_bool("expert_augment", True, "SpecAugment-style augmentation while training experts")
 flags.DEFINE_enum("trajectory_dtype", "float32", ["float32", "float16"], "storage dtype of expert trajectories")
 flags.DEFINE_enum("parallel", "auto", ["auto", "vmap", "loop"],
@@ -232,7 +234,7 @@ def config_from_flags() -> pipeline.RunConfig:
             optimizer=F.expert_optimizer, lr=F.expert_lr, momentum=F.expert_momentum,
             weight_decay=F.expert_weight_decay, lr_decay=F.expert_lr_decay, lr_decay_every=F.expert_lr_decay_every,
             epochs=F.expert_train_epochs, batch_size=F.expert_batch_size, augment=F.expert_augment,
-            min_steps_per_epoch=F.expert_min_steps_per_epoch),
+            min_steps_per_epoch=F.expert_min_steps_per_epoch, sam_rho=F.expert_sam_rho),
         n_experts=F.n_experts, trajectory_dtype=F.trajectory_dtype,
         parallel="" if F.parallel == "auto" else F.parallel, epoch_mode="" if F.epoch_mode == "auto" else F.epoch_mode,
         distill=distill.DistillConfig(

@@ -19,6 +19,7 @@ import numpy as np
 import optax
 
 from sersynth import dist
+from sersynth.io import without_added_later
 from sersynth.models import FlatModel
 
 PARALLEL = ("vmap", "loop")
@@ -51,6 +52,7 @@ class TrainConfig:
     batch_size: int = 256
     augment: bool = False           # SpecAugment-style time shift and masks
     min_steps_per_epoch: int = 0    # an epoch is at least this many steps (several passes on a small set)
+    sam_rho: float = 0.0            # sharpness-aware minimisation radius (0: off; FTD trains its experts so)
 
     def steps_per_epoch(self, n: int) -> int:
         """Minibatch steps in one epoch over ``n`` samples: one pass (the last batch partial), or
@@ -70,6 +72,17 @@ class TrainConfig:
             raise ValueError(f"--{prefix}lr_decay must be in (0, 1] and --{prefix}lr_decay_every >= 0")
         if self.min_steps_per_epoch < 0:
             raise ValueError(f"--{prefix}min_steps_per_epoch must be >= 0, got {self.min_steps_per_epoch}")
+        if not self.sam_rho >= 0:
+            raise ValueError(f"--{prefix}sam_rho must be >= 0, got {self.sam_rho}")
+
+    def identity(self) -> dict:
+        """The settings as fingerprints and run identity record them (see :data:`ADDED_LATER`):
+        experts and references trained before a field existed are still found."""
+        return without_added_later(dataclasses.asdict(self), ADDED_LATER)
+
+
+# fields added after experts and references were recorded, at the value that reproduces them
+ADDED_LATER = {"sam_rho": 0.0}
 
 
 def make_optimizer(cfg: TrainConfig, steps_per_epoch: int, lr: float | None = None) -> optax.GradientTransformation:
@@ -128,20 +141,28 @@ def default_epoch_mode() -> str:
     return "host" if jax.default_backend() == "cpu" else "scan"
 
 
-def make_step(fm: FlatModel, tx: optax.GradientTransformation, use_augment: bool) -> Callable:
+def make_step(fm: FlatModel, tx: optax.GradientTransformation, use_augment: bool, sam_rho: float = 0.0) -> Callable:
     """``step(flat [P], opt_state, x [N,...], targets [N,C], ids [B], mask [B], key, lr) -> (flat, opt_state, loss)``.
 
     ``mask`` is 1 for the samples of the batch and 0 for the padding of an epoch's last, partial
     batch (see :func:`epoch_batches`), so every sample is used once per epoch at fixed shapes.
     ``tx`` is built with a base learning rate of 1 and its update is scaled by ``lr``, so the lr is
     an argument of the compiled step (one compilation serves every lr; optax's sgd and adam end in
-    such a scaling, so the result is the same as building ``tx`` with ``lr``)."""
+    such a scaling, so the result is the same as building ``tx`` with ``lr``).
+
+    With ``sam_rho`` > 0 a sharpness-aware step (Foret et al. 2021): the gradient is taken at
+    ``flat + sam_rho * g / |g|``, the batch's steepest ascent, and applied at ``flat``. FTD (Du et al.
+    2023) trains its experts so, for flatter trajectories that a student's errors move less."""
+    grad = jax.value_and_grad(functools.partial(loss_fn, fm))
 
     def step(flat, opt_state, x, targets, ids, mask, key, lr):
         xb = x[ids]
         if use_augment:
             xb = augment(xb, key)
-        loss, g = jax.value_and_grad(functools.partial(loss_fn, fm))(flat, xb, targets[ids], mask)
+        loss, g = grad(flat, xb, targets[ids], mask)
+        if sam_rho:
+            ascent = g * (sam_rho / (jnp.linalg.norm(g) + 1e-12))
+            g = grad(flat + ascent, xb, targets[ids], mask)[1]
         updates, opt_state = tx.update(g, opt_state, flat)
         return optax.apply_updates(flat, lr * updates), opt_state, loss
 
@@ -318,7 +339,7 @@ def _compiled(fm: FlatModel, cfg: TrainConfig, n: int, batch: int, parallel: str
         return hit[1]
     steps = cfg.steps_per_epoch(n)
     tx = make_optimizer(cfg, steps, lr=1.0)
-    step = make_step(fm, tx, cfg.augment)
+    step = make_step(fm, tx, cfg.augment, cfg.sam_rho)
     if epoch_mode == "scan":
         unit, in_axes, plan = make_epoch(step, n, batch, steps), (0, 0, None, None, 0, None), None
     else:

@@ -365,14 +365,19 @@ def test_a_setting_added_later_at_its_default_leaves_older_runs_the_same():
     # a run's recorded settings, written before those settings existed or after, are the same run
     from sersynth import pipeline
     run = pipeline.RunConfig(workdir="w")
-    recorded_then = {**run.to_json(), "distill": older}
+    experts_then = {k: v for k, v in dataclasses.asdict(run.expert_train).items() if k != "sam_rho"}
+    recorded_then = {**run.to_json(), "distill": older, "expert_train": experts_then}
     recorded_since = {**run.to_json(), "distill": dataclasses.asdict(cfg), "mia_holdout": 0.0,
                       "select_lr": "learned", "eval_lr_choice": "each",
-                      "dm": {**run.to_json()["dm"], "init_noise": 0.0}}
+                      "dm": {**run.to_json()["dm"], "init_noise": 0.0},
+                      "expert_train": dataclasses.asdict(run.expert_train)}
     assert pipeline.run_identity(recorded_then) == pipeline.run_identity(recorded_since) == run.to_json()
     assert pipeline.run_identity({**recorded_since, "mia_holdout": 0.1}) != run.to_json()
     assert pipeline.run_identity({**recorded_since, "select_lr": "candidates"}) != run.to_json()
     assert pipeline.run_identity({**recorded_since, "eval_lr_choice": "shared"}) != run.to_json()
+    sam = {**recorded_since, "expert_train": {**experts_then, "sam_rho": 0.05}}
+    assert pipeline.run_identity(sam) != run.to_json()
+    assert run.expert_train.identity() == experts_then          # experts' and references' fingerprints too
     other = dataclasses.replace(cfg, learn_labels=True)
     assert distill.run_fingerprint(other) != distill.run_fingerprint(dataclasses.replace(other, label_init="expert"))
 

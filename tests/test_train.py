@@ -171,6 +171,25 @@ def test_padding_of_a_partial_batch_does_not_train(toy_model):
     np.testing.assert_allclose(padded[2], alone[2], rtol=1e-5)
 
 
+def test_sharpness_aware_step_applies_the_gradient_of_the_ascent_point(toy_model):
+    """SAM: the update is the gradient at p + rho * g / |g| (g the gradient at p), applied at p."""
+    x, y = _toy(n=8)
+    t = train.one_hot(y, 3)
+    tx = train.make_optimizer(train.TrainConfig(optimizer="sgd"), 1, lr=1.0)
+    p0 = toy_model.init(jax.random.key(0))
+    f = lambda p: train.loss_fn(toy_model, p, jax.numpy.asarray(x), jax.numpy.asarray(t))
+    g = jax.grad(f)(p0)
+    expected = p0 - 0.1 * jax.grad(f)(p0 + 0.5 * g / jax.numpy.linalg.norm(g))
+    args = (x, t, jax.numpy.arange(8), jax.numpy.ones(8), jax.random.key(1), 0.1)
+    sam = jax.jit(train.make_step(toy_model, tx, use_augment=False, sam_rho=0.5))(p0, tx.init(p0), *args)[0]
+    plain = jax.jit(train.make_step(toy_model, tx, use_augment=False))(p0, tx.init(p0), *args)[0]
+    np.testing.assert_allclose(sam, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(plain, p0 - 0.1 * g, rtol=1e-5, atol=1e-6)
+    assert np.abs(np.asarray(sam) - np.asarray(plain)).max() > 1e-4
+    with pytest.raises(ValueError, match="expert_sam_rho"):
+        train.TrainConfig(sam_rho=-1).validate("expert_")
+
+
 def test_small_sets_get_every_sample_each_epoch(toy_model):
     """10 samples in batches of 4: 3 steps an epoch (a dropped partial batch would give 2)."""
     x, y = _toy(n=10)
