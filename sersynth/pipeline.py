@@ -64,7 +64,8 @@ class RunError(ValueError):
 def run_identity(recorded: dict) -> dict:
     """A run's settings (``RunConfig.to_json()`` or a config.json written by any version) without the
     settings added after runs were recorded, where they hold the value that reproduces the older
-    behaviour (``mia_holdout`` off; ``distill.ADDED_LATER`` in the distillation's and DM's settings):
+    behaviour (``mia_holdout`` off; ``distill.ADDED_LATER`` in the distillation's and DM's settings,
+    ``train.ADDED_LATER`` in the experts'):
     a run recorded before or after a setting existed is the same run."""
     d = without_added_later(recorded, {"mia_holdout": 0.0, "select_lr": "learned", "eval_lr_choice": "each"})
     for part, added in (("distill", distill_lib.ADDED_LATER), ("dm", distill_lib.ADDED_LATER),

@@ -42,8 +42,9 @@ def eval_config(cfg: RunConfig) -> train.TrainConfig:
       half the epochs;
     * ``expert``: the experts' own optimiser, lr and schedule (the paper's).
     """
+    # an epoch of a small set: one pass; plain steps whatever trained the experts
     small = dict(epochs=cfg.eval_epochs, batch_size=cfg.eval_batch_size or cfg.expert_train.batch_size,
-                 augment=cfg.distill.augment, min_steps_per_epoch=0, sam_rho=0.0)     # an epoch of a small set: one pass
+                 augment=cfg.distill.augment, min_steps_per_epoch=0, sam_rho=0.0)
     if cfg.eval_optimizer == "expert":
         return dataclasses.replace(cfg.expert_train, **small)
     if cfg.eval_optimizer == "mtt":
