@@ -33,6 +33,11 @@ class Result:
         v = np.asarray(getattr(self, metric)[split])
         return float(v.mean()), float(v.std())
 
+    def seconds_per_model(self) -> float:
+        """``train_seconds`` over the models it counts: every seed at every lr candidate tried."""
+        seeds = len(next(iter(self.uar.values())))
+        return self.train_seconds / (seeds * max(1, len(self.extra.get("lr_val_uar", {}))))
+
     def to_json(self) -> dict:
         out = dataclasses.asdict(dataclasses.replace(self, params=None))
         out.pop("params")

@@ -39,7 +39,7 @@ from sersynth.models import MODELS, ModelSpec, flat_model
 STAGES = ("prepare", "experts", "distill", "evaluate")
 # settings that change only how a distilled set is evaluated: a run directory re-evaluated under other
 # values (--stage=evaluate) keeps the earlier evaluation in EARLIER_EVALUATIONS
-EVALUATION_SETTINGS = ("eval_seeds", "eval_epochs", "eval_lr_grid", "eval_lr_choice", "eval_optimizer",
+EVALUATION_SETTINGS = ("eval_seeds", "eval_fixed_inits", "eval_epochs", "eval_lr_grid", "eval_lr_choice", "eval_optimizer",
                        "eval_batch_size", "eval_select_every", "eval_patience", "reference_epochs", "render_per_class",
                        "privacy_audit", "baselines", "eval_models", "dm")
 EARLIER_EVALUATIONS = "earlier_evaluations"
@@ -64,10 +64,11 @@ class RunError(ValueError):
 def run_identity(recorded: dict) -> dict:
     """A run's settings (``RunConfig.to_json()`` or a config.json written by any version) without the
     settings added after runs were recorded, where they hold the value that reproduces the older
-    behaviour (``mia_holdout`` off; ``distill.ADDED_LATER`` in the distillation's and DM's settings,
+    behaviour (``mia_holdout`` off, ``eval_fixed_inits`` 0; ``distill.ADDED_LATER`` in the distillation's and DM's settings,
     ``train.ADDED_LATER`` in the experts'):
     a run recorded before or after a setting existed is the same run."""
-    d = without_added_later(recorded, {"mia_holdout": 0.0, "select_lr": "learned", "eval_lr_choice": "each"})
+    d = without_added_later(recorded, {"mia_holdout": 0.0, "select_lr": "learned", "eval_lr_choice": "each",
+                                       "eval_fixed_inits": 0})
     for part, added in (("distill", distill_lib.ADDED_LATER), ("dm", distill_lib.ADDED_LATER),
                         ("expert_train", train.ADDED_LATER)):
         if isinstance(d.get(part), dict):
@@ -107,6 +108,7 @@ class RunConfig:
     log_every: int = 10
     # evaluation
     eval_seeds: int = 5
+    eval_fixed_inits: int = 0             # fixed-init settings train from this many of the experts' inits (0: all)
     eval_epochs: int = 300                # epochs on distilled / subset data
     eval_lr_grid: tuple[float, ...] = (0.3, 1.0, 3.0)   # lr candidates: the learned lr and expert lr x each
     eval_lr_choice: str = "each"          # each setting chooses its lr | shared: the random subset's choice for all
@@ -169,8 +171,12 @@ class RunConfig:
                            f"got {self.eval_optimizer!r}")
         if not 0 <= self.mia_holdout < 0.5:
             raise RunError(f"--mia_holdout must be in [0, 0.5), got {self.mia_holdout}")
-        if self.eval_select_every < 0 or self.reference_epochs < 0 or self.eval_patience < 0:
-            raise RunError("--eval_select_every, --eval_patience and --reference_epochs must be >= 0")
+        if min(self.eval_select_every, self.reference_epochs, self.eval_patience, self.eval_fixed_inits) < 0:
+            raise RunError("--eval_select_every, --eval_patience, --reference_epochs and --eval_fixed_inits "
+                           "must be >= 0")
+        if self.eval_fixed_inits > self.n_experts:
+            raise RunError(f"--eval_fixed_inits={self.eval_fixed_inits} needs as many experts (--n_experts="
+                           f"{self.n_experts})")
         bad = [m for m in self.eval_models if m not in MODELS]
         if bad:
             raise RunError(f"--eval_models: unknown {', '.join(bad)}; choose from {', '.join(MODELS)}")
@@ -686,8 +692,8 @@ def stage_evaluate(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Exp
         "full_audio_bytes": train_audio_bytes,
         "storage_ratio_features": x_syn.astype(np.float32).nbytes / full_feature_bytes,
         "storage_ratio_audio": x_syn.astype(np.float32).nbytes / max(train_audio_bytes, 1),
-        "train_seconds_full_per_model": results["full_data_reference"].train_seconds / ex.inits.shape[0],
-        "train_seconds_distilled_per_model": results["distilled_fixed_init"].train_seconds / ex.inits.shape[0],
+        "train_seconds_full_per_model": results["full_data_reference"].seconds_per_model(),
+        "train_seconds_distilled_per_model": results["distilled_fixed_init"].seconds_per_model(),
         "learned_lr": lr, "lr_floor_iterations": distilled["meta"].get("lr_floor_iterations", 0),
         "ipc": ipc, "selected_iteration": distilled["meta"]["selected_iteration"],
         "distill_seconds": distilled["meta"]["seconds"],

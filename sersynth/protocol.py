@@ -193,6 +193,12 @@ def _mark_shared(results: dict[str, eval_lib.Result], chooser: str) -> None:
             r.extra["lr_chosen_by"] = "random_subset"
 
 
+def fixed_inits(cfg: RunConfig, ex: Experts):
+    """The initialisations the fixed-init settings train from: the experts' (the distillation's), the
+    first ``--eval_fixed_inits`` of them where that is set."""
+    return ex.inits[:cfg.eval_fixed_inits] if cfg.eval_fixed_inits else ex.inits
+
+
 def train_every_setting(cfg: RunConfig, fm, ex: Experts, x_tr, y_tr, sets: dict, n_classes: int, x_syn, t_syn,
                         lr: float, key, store: Path | None = None) -> tuple[dict[str, eval_lib.Result], list[float], dict]:
     """Trains and scores every setting of the report: the experts (as trained), the full-data
@@ -210,18 +216,19 @@ def train_every_setting(cfg: RunConfig, fm, ex: Experts, x_tr, y_tr, sets: dict,
     cands = lr_candidates(cfg, lr)
     pools, info = small_sets(cfg, fm, ex, x_tr, y_tr, n_classes, x_syn, t_syn)
     random_inits = fm.init_many(jax.random.split(jax.random.fold_in(key, 1), cfg.eval_seeds))
+    inits = fixed_inits(cfg, ex)
     coresets = [n for n in pools if n != "distilled"]
     keys = {name: jax.random.fold_in(key, 3 + k) for k, name in enumerate(coresets)}
     use, done = shared_lr(cfg, lambda c: _train_set(cfg, fm, "random_subset_fixed_init", pools["random_subset"],
-                                                    ex.inits, keys["random_subset"], sets, n_classes, c, True), cands)
-    results["distilled_fixed_init"] = _train_set(cfg, fm, "distilled_fixed_init", pools["distilled"], ex.inits, key,
+                                                    inits, keys["random_subset"], sets, n_classes, c, True), cands)
+    results["distilled_fixed_init"] = _train_set(cfg, fm, "distilled_fixed_init", pools["distilled"], inits, key,
                                                  sets, n_classes, use, False)
     results["distilled_random_init"] = _train_set(cfg, fm, "distilled_random_init", pools["distilled"], random_inits,
                                                   jax.random.fold_in(key, 2), sets, n_classes, use, False)
     for name in coresets:
         setting = f"{name}_fixed_init"
         results[setting] = done if done is not None and name == "random_subset" else _train_set(
-            cfg, fm, setting, pools[name], ex.inits, keys[name], sets, n_classes, use, name in PER_SEED)
+            cfg, fm, setting, pools[name], inits, keys[name], sets, n_classes, use, name in PER_SEED)
     if done is not None:
         _mark_shared(results, "random_subset_fixed_init")
     if "dm" in info:

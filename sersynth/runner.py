@@ -127,6 +127,8 @@ flags.DEFINE_integer("checkpoint_every", 50, "checkpoint the distillation every 
 flags.DEFINE_integer("log_every", 10, "write metrics every N iterations (the only host syncs of the loop)")
 # --- evaluation --------------------------------------------------------------------------------
 flags.DEFINE_integer("eval_seeds", 5, "random initialisations / random subsets per evaluated setting")
+flags.DEFINE_integer("eval_fixed_inits", 0, "the settings trained from the experts' initialisations (distilled "
+                     "fixed init, herding, ...) train from the first N of them (0: every expert's)")
 flags.DEFINE_integer("eval_epochs", 300, "epochs when training on the distilled set or a random subset")
 flags.DEFINE_list("eval_lr_grid", ["0.3", "1", "3"], "lr candidates of every small-set setting (distilled, random "
                   "subset, herding), each choosing on validation: the learned lr and --expert_lr x each of these "
@@ -245,7 +247,7 @@ def config_from_flags() -> pipeline.RunConfig:
             init_mix=F.syn_init_mix, init_noise=F.syn_init_noise,
             augment=F.syn_augment, remat=F.remat, segment=F.remat_segment, unroll=F.scan_unroll),
         mesh_devices=F.mesh_devices, eval_every=F.eval_every, checkpoint_every=F.checkpoint_every, log_every=F.log_every,
-        eval_seeds=F.eval_seeds, eval_epochs=F.eval_epochs, eval_lr_grid=lr_grid, eval_lr_choice=F.eval_lr_choice,
+        eval_seeds=F.eval_seeds, eval_fixed_inits=F.eval_fixed_inits, eval_epochs=F.eval_epochs, eval_lr_grid=lr_grid, eval_lr_choice=F.eval_lr_choice,
         select_lr=F.select_lr,
         eval_optimizer=F.eval_optimizer,
         eval_batch_size=F.eval_batch_size, eval_select_every=F.eval_select_every, eval_patience=F.eval_patience, tune=tune, reference_epochs=F.reference_epochs,

@@ -63,6 +63,12 @@ def test_end_to_end_run_writes_every_artifact(finished_run):
     for r in report["results"].values():
         assert 0.0 <= r["test_uar_mean"] <= 1.0 and 0.0 <= r["val_wa_mean"] <= 1.0
     s = report["summary"]
+    # the fixed-init settings train from every expert's initialisation (--n_experts=2); the seconds per model
+    # count every seed at every lr candidate
+    fixed = report["results"]["distilled_fixed_init"]
+    assert len(fixed["uar"]["test"]) == 2 and len(report["results"]["herding_subset_fixed_init"]["uar"]["test"]) == 2
+    assert s["train_seconds_distilled_per_model"] == pytest.approx(fixed["train_seconds"] / (2 * 4))
+    assert s["train_seconds_full_per_model"] == pytest.approx(ref["train_seconds"] / 2)
     assert s["ipc"] == 2 and s["fraction_of_train"] == pytest.approx(6 / report["results"]["full_data"]["n_train"])
     assert 0 < s["storage_ratio_features"] < 1 and 0 < s["storage_ratio_audio"] < 1
     assert s["learned_lr"] > 0
@@ -222,8 +228,8 @@ def test_settings_added_later_at_their_older_values_are_the_same_run(finished_ru
     workdir = tmp_path / "spelled_out"
     shutil.copytree(finished_run[0], workdir)
     config = json.loads((workdir / "config.json").read_text())
-    assert not {"mia_holdout", "select_lr"} & set(config) and not {"label_init", "init_noise"} & set(config["distill"])
-    config.update(mia_holdout=0.0, select_lr="learned")
+    assert not {"mia_holdout", "select_lr", "eval_fixed_inits"} & set(config) and not {"label_init", "init_noise"} & set(config["distill"])
+    config.update(mia_holdout=0.0, select_lr="learned", eval_fixed_inits=0)
     config["distill"].update(label_init="onehot", init_noise=0.0)
     (workdir / "config.json").write_text(json.dumps(config))
     proc = run_cli(f"--workdir={workdir}", *TINY_FLAGS, check=False)
@@ -248,13 +254,17 @@ def test_a_distilled_set_is_re_evaluated_under_other_evaluation_settings(finishe
     proc = run("--stage=evaluate", "--eval_seeds=3", "--ipc=3")
     assert proc.returncode == 2 and "differ: distill, eval_seeds" in proc.stderr and "alone" not in proc.stderr
     assert not (workdir / pipeline.EARLIER_EVALUATIONS).exists()
-    proc = run("--stage=evaluate", "--eval_seeds=3", "--eval_optimizer=mtt", "--baselines=", "--eval_lr_choice=shared")
+    proc = run("--stage=evaluate", "--eval_seeds=3", "--eval_optimizer=mtt", "--baselines=", "--eval_lr_choice=shared",
+               "--eval_fixed_inits=1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     kept = workdir / pipeline.EARLIER_EVALUATIONS / "1"
     assert {name: (kept / name).read_bytes() for name in before} == before
     assert (kept / "plots").is_dir() and (kept / "audio").is_dir()
     report = json.loads((workdir / "report.json").read_text())
     assert len(report["results"]["distilled_random_init"]["uar"]["test"]) == 3
+    # --eval_fixed_inits=1: the fixed-init settings trained from the first expert's initialisation alone
+    assert [len(report["results"][k]["uar"]["test"]) for k in ("distilled_fixed_init", "herding_subset_fixed_init",
+                                                              "random_subset_fixed_init")] == [1, 1, 3]
     assert "kcenter_subset_fixed_init" not in report["results"]
     # --eval_lr_choice=shared: the random subset chose among every candidate, the other settings trained at its lr
     chosen = report["results"]["random_subset_fixed_init"]["extra"]
@@ -270,7 +280,7 @@ def test_a_distilled_set_is_re_evaluated_under_other_evaluation_settings(finishe
     assert now.meta["train"]["weight_decay"] == 5e-4 and distilled.meta["train"]["weight_decay"] == 0
     assert now.meta["lr_for_training"] == report["results"]["distilled_random_init"]["extra"]["lr"]
     config = json.loads((workdir / "config.json").read_text())
-    assert (config["eval_seeds"], config["eval_optimizer"]) == (3, "mtt")
+    assert (config["eval_seeds"], config["eval_optimizer"], config["eval_fixed_inits"]) == (3, "mtt", 1)
     assert ("the distilled set's iteration was chosen on validation under other evaluation settings "
             "(eval_optimizer=learned_sgd, eval_seeds=2) than it is evaluated with here") in report["warnings"]
     assert "chosen on validation under other evaluation settings" in (workdir / "report.md").read_text()
@@ -353,6 +363,7 @@ def test_compile_cache_folder():
     ("--corpus=ravdess", "error: --corpus=ravdess needs --corpus_dir"),
     ("--n_mels=4000", "error: n_mels must be in"),
     ("--eval_lr_grid=0,1", "error: --eval_lr_grid needs positive multipliers"),
+    ("--eval_fixed_inits=3", "error: --eval_fixed_inits=3 needs as many experts (--n_experts=2)"),
 ])
 def test_bad_flags_fail_fast_with_one_line(tmp_path, flag, message):
     proc = run_cli(f"--workdir={tmp_path / 'w'}", *TINY_FLAGS, flag, check=False)
