@@ -10,12 +10,11 @@ Bad values stop the run before any compute with a one-line ``error: ...`` and ex
 """
 from __future__ import annotations
 
-import os
 import sys
 
 from absl import app, flags, logging
 
-from sersynth import dist, distill, models, pipeline, protocol, train
+from sersynth import compile_cache, dist, distill, models, pipeline, protocol, train
 from sersynth import dm as dm_lib
 from sersynth import tune as tune_lib
 from sersynth.data import prepare
@@ -104,9 +103,7 @@ flags.DEFINE_enum("max_pool", "auto", list(models.MAX_POOLS),
                   "2x2 max pooling of cnn6/vgg15: blocks (reshape + max, elementwise gradients) or window "
                   "(reduce_window, select-and-scatter gradients), same outputs; auto: window on CPU, blocks elsewhere")
 flags.DEFINE_integer("scan_unroll", 0, "inner scan unroll factor; 0: per backend (full on CPU, 1 on GPU/TPU)")
-flags.DEFINE_string("compile_cache", "auto", "folder of XLA's persistent compilation cache, so programs compiled once "
-                    "(by this run, an earlier one, another table cell) are loaded instead of compiled again; auto: "
-                    "$JAX_COMPILATION_CACHE_DIR, else $XDG_CACHE_HOME/sersynth/xla (~/.cache/sersynth/xla); none: off")
+compile_cache.define_flag()
 flags.DEFINE_integer("mesh_devices", 0, "spread the experts, the synthetic set and the evaluation seeds over this many "
                      "devices (0: one device)")
 flags.DEFINE_string("coordinator_address", "", "multi-host: host:port of process 0 (enables jax.distributed)")
@@ -176,36 +173,11 @@ def command_flags(argv: list[str]) -> str:
     return "\n".join(line for line in lines if line) + "\n"
 
 
-def compile_cache_dir(setting: str, environ: dict | None = None) -> str | None:
-    """The folder ``--compile_cache=setting`` names (None: off)."""
-    environ = os.environ if environ is None else environ
-    if setting == "none":
-        return None
-    if setting != "auto":
-        return setting
-    return environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
-        environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "sersynth", "xla")
-
-
-def use_compile_cache(setting: str) -> str | None:
-    """Points XLA's persistent compilation cache at :func:`compile_cache_dir` (programs compiled in
-    under 0.3 s are not stored) and returns the folder. The folder is not bounded: deleting it only
-    costs compile time."""
-    import jax
-
-    folder = compile_cache_dir(setting)
-    jax.config.update("jax_enable_compilation_cache", folder is not None)
-    if folder is not None:
-        jax.config.update("jax_compilation_cache_dir", folder)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.3)
-    return folder
-
-
 def config_from_flags() -> pipeline.RunConfig:
     """The run's settings from the flags (and ``--max_pool`` and ``--compile_cache`` applied to
     what is built and compiled from here on)."""
     models.set_max_pool(F.max_pool)
-    use_compile_cache(F.compile_cache)
+    compile_cache.use(F.compile_cache)
     stages = tuple(pipeline.STAGES) if F.stage == ["all"] else tuple(F.stage)
     try:
         split = tuple(float(v) for v in F.split)

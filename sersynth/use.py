@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 
-from sersynth import artifact
+from sersynth import artifact, compile_cache
 
 F = flags.FLAGS
-KEY_FLAGS = {"export": ("distilled", "format", "out"),
+KEY_FLAGS = {"export": ("distilled", "format", "out"),   # (every command but export also has --compile_cache)
              "train": ("distilled", "model", "out", "epochs", "lr", "seed", "cache"),
              "predict": ("model", "list", "out", "batch"),
              "export-model": ("model", "out", "int8", "distilled", "cache")}
@@ -65,6 +65,8 @@ def define_flags(command: str) -> None:
                             "relative paths are read from the CSV's folder")
         flags.DEFINE_string("out", "", "also write the predictions to this .csv or .json")
         flags.DEFINE_integer("batch", 64, "clips per forward pass")
+    if command != "export":
+        compile_cache.define_flag()
     if command == "export-model":
         flags.DEFINE_string("model", None, "a model file written by sersynth train (.npz)")
         flags.DEFINE_enum("format", "onnx", ["onnx"], "edge format")
@@ -276,6 +278,7 @@ def main_export(argv) -> None:
 
 def main_train(argv) -> None:
     _no_arguments_and(argv, "distilled", "out", out_suffix=".npz", out_kind="a model file")
+    compile_cache.use(F.compile_cache)
     ds = artifact.load_set(F.distilled)
     spec = model_spec(ds, F.model, F.width, F.width_mult)
     print(f"distilled set: {artifact.describe(ds.meta)}; {ds.x.shape[0]} samples")
@@ -308,6 +311,8 @@ def probs_of(m, x_db: np.ndarray, batch: int = 64) -> np.ndarray:
 
 def main_predict(argv) -> None:
     _required("model")
+    if not F.model.endswith(".onnx"):       # an edge model runs without JAX
+        compile_cache.use(F.compile_cache)
     m = load_any_model(F.model)
     paths = list(argv[1:]) + (read_list(F.list) if F.list else [])
     if not paths:
@@ -347,6 +352,7 @@ def main_export_model(argv) -> None:
     _no_arguments_and(argv, "model", "out", out_suffix=".onnx", out_kind="an edge model")
     from sersynth import edge
 
+    compile_cache.use(F.compile_cache)
     m = artifact.load_model(F.model)
     calib = None
     if F.int8:

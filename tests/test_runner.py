@@ -344,7 +344,7 @@ def test_experts_from_another_cache_are_refused(finished_run, tmp_path):
 
 
 def test_compile_cache_folder():
-    from sersynth.runner import compile_cache_dir
+    from sersynth.compile_cache import folder as compile_cache_dir
 
     assert compile_cache_dir("none", {"JAX_COMPILATION_CACHE_DIR": "/j"}) is None
     assert compile_cache_dir("/x", {"JAX_COMPILATION_CACHE_DIR": "/j"}) == "/x"

@@ -109,8 +109,9 @@ def test_predict_features_equal_the_cache(finished_run):
 def test_train_then_predict_through_the_command(finished_run, distilled, tmp_path):
     model = tmp_path / "model.npz"
     proc = sersynth("train", f"--distilled={distilled}", f"--out={model}", "--epochs=20",
-                    f"--cache={finished_run[0] / 'cache'}")
+                    f"--cache={finished_run[0] / 'cache'}", f"--compile_cache={tmp_path / 'xla'}")
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert any(p.name.startswith("jit_") for p in (tmp_path / "xla").iterdir())    # programs stored there
     assert "trained convnet" in proc.stdout and "UAR on the cache: val" in proc.stdout
     m = artifact.load_model(model)
     assert m.classes == ["anger", "sadness", "happiness"] and m.meta["epochs"] == 20
