@@ -39,9 +39,9 @@ from sersynth.models import MODELS, ModelSpec, flat_model
 STAGES = ("prepare", "experts", "distill", "evaluate")
 # settings that change only how a distilled set is evaluated: a run directory re-evaluated under other
 # values (--stage=evaluate) keeps the earlier evaluation in EARLIER_EVALUATIONS
-EVALUATION_SETTINGS = ("eval_seeds", "eval_fixed_inits", "eval_epochs", "eval_lr_grid", "eval_lr_choice", "eval_optimizer",
-                       "eval_batch_size", "eval_select_every", "eval_patience", "reference_epochs", "render_per_class",
-                       "privacy_audit", "baselines", "eval_models", "dm")
+EVALUATION_SETTINGS = ("eval_seeds", "eval_fixed_inits", "eval_epochs", "eval_lr_grid", "eval_lr_choice",
+                       "eval_optimizer", "eval_batch_size", "eval_select_every", "eval_patience", "reference_epochs",
+                       "render_per_class", "privacy_audit", "baselines", "eval_models", "dm")
 EARLIER_EVALUATIONS = "earlier_evaluations"
 # those of them the distillation's own validation (which iteration is kept) trains with
 SELECTION_SETTINGS = ("eval_seeds", "eval_epochs", "eval_optimizer", "eval_batch_size", "eval_select_every",
@@ -64,8 +64,8 @@ class RunError(ValueError):
 def run_identity(recorded: dict) -> dict:
     """A run's settings (``RunConfig.to_json()`` or a config.json written by any version) without the
     settings added after runs were recorded, where they hold the value that reproduces the older
-    behaviour (``mia_holdout`` off, ``eval_fixed_inits`` 0; ``distill.ADDED_LATER`` in the distillation's and DM's settings,
-    ``train.ADDED_LATER`` in the experts'):
+    behaviour (``mia_holdout`` off, ``eval_fixed_inits`` 0; ``distill.ADDED_LATER`` in the
+    distillation's and DM's settings, ``train.ADDED_LATER`` in the experts'):
     a run recorded before or after a setting existed is the same run."""
     d = without_added_later(recorded, {"mia_holdout": 0.0, "select_lr": "learned", "eval_lr_choice": "each",
                                        "eval_fixed_inits": 0})
