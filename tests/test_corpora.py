@@ -221,3 +221,20 @@ def test_espeak_corpus_is_read_as_emodb(tmp_path):
         espeak_corpus.generate(tmp_path / "x", actors=11, layout="emodb")
     with pytest.raises(ValueError, match="--layout"):
         espeak_corpus.generate(tmp_path / "x", layout="iemocap")
+
+
+@pytest.mark.skipif(__import__("shutil").which("espeak-ng") is None, reason="espeak-ng is not installed")
+def test_espeak_corpus_is_read_as_cremad(tmp_path):
+    from sersynth.data import espeak_corpus
+
+    root = espeak_corpus.generate(tmp_path / "esp", actors=2, layout="cremad")
+    items, skipped = corpora.get("cremad").scan(root)
+    assert len(items) == 164 and not skipped                      # 82 per actor, as CREMA-D
+    assert {it.label for it in items} == set(corpora.get("cremad").default_emotions)
+    assert {it.speaker for it in items} == {"1001", "1002"}
+    assert {it.gender for it in items} == {"m", "f"}               # from VideoDemographics.csv
+    assert sum(Path(it.path).stem.endswith(("_LO", "_MD", "_HI")) for it in items) == 2 * 15
+    x, sr = sf.read(next(root.rglob("*.wav")))
+    assert sr == 16000 and x.ndim == 1 and np.abs(x).max() > 0.05
+    with pytest.raises(ValueError, match="1..91"):
+        espeak_corpus.generate(tmp_path / "x", actors=92, layout="cremad")

@@ -2,18 +2,23 @@
 
 A corpus nobody tuned sersynth for: formant speech from espeak-ng (a Debian/Ubuntu package, not a
 Python dependency), with emotions acted through speaking rate, pitch level, loudness and pauses,
-and speakers that differ in voice variant, base pitch and rate. Two layouts:
+and speakers that differ in voice variant, base pitch and rate. Three layouts:
 
 * ``ravdess``: English, 8 classes, two intensities, ``Actor_NN/03-01-EE-II-SS-RR-AA.wav`` at 48 kHz
   (60 clips per actor, as RAVDESS's speech set), read by ``--corpus=ravdess``;
 * ``emodb``: German, 7 classes (boredom instead of calm and surprise), EmoDB's speaker numbers and
-  ten sentence codes, ``wav/SSTTTEV.wav`` at 16 kHz (70 clips per speaker), read by ``--corpus=emodb``.
+  ten sentence codes, ``wav/SSTTTEV.wav`` at 16 kHz (70 clips per speaker), read by ``--corpus=emodb``;
+* ``cremad``: English, 6 classes, CREMA-D's twelve sentences and levels (the first sentence at low,
+  medium and high intensity, the rest unspecified), ``AudioWAV/AAAA_SSS_EMO_LL.wav`` at 16 kHz plus
+  ``VideoDemographics.csv`` (82 clips per actor; ``--actors=91`` for CREMA-D's size, 7,462 clips), read
+  by ``--corpus=cremad``: a corpus large enough that 10 samples per class are about 1% of it.
 
 Used to measure distillation against coresets on data other than the embedded corpus
 (benchmarks/RESULTS.md):
 
     python -m sersynth.data.espeak_corpus --out=data/espeak_ravdess --actors=8
     python -m sersynth.data.espeak_corpus --out=data/espeak_emodb --layout=emodb --actors=10
+    python -m sersynth.data.espeak_corpus --out=data/espeak_cremad --layout=cremad --actors=91
 """
 from __future__ import annotations
 
@@ -57,7 +62,26 @@ EMODB_SENTENCES = {
     "b02": "Sie haben es gerade hochgetragen", "b03": "An den Wochenenden bin ich gefahren",
     "b09": "Ich will das eben wegbringen", "b10": "Die wird auf dem Platz sein",
 }
-LAYOUTS = ("ravdess", "emodb")
+# CREMA-D emotion codes -> profile (American English actors, acted a little differently again)
+CREMAD_PROFILES = {
+    "NEU": (1.00, 0, 100, 0),
+    "HAP": (1.10, 13, 130, 0),
+    "SAD": (0.80, -9, 72, 4),
+    "ANG": (1.16, 7, 160, 0),
+    "FEA": (1.24, 17, 92, 1),
+    "DIS": (0.88, -5, 112, 3),
+}
+# CREMA-D's twelve sentence codes and texts; intensity levels -> the profile's scale (XX: unspecified)
+CREMAD_SENTENCES = {
+    "IEO": "It's eleven o'clock", "TIE": "That is exactly what happened", "IOM": "I'm on my way to the meeting",
+    "IWW": "I wonder what this is about", "TAI": "The airplane is almost full",
+    "MTI": "Maybe tomorrow it will be cold", "IWL": "I would like a new alarm clock",
+    "ITH": "I think I have a doctor's appointment", "DFA": "Don't forget a jacket",
+    "ITS": "I think I've seen this before", "TSI": "The surface is slick", "WSI": "We'll stop in a couple of minutes",
+}
+CREMAD_LEVELS = {"LO": 0.6, "MD": 1.0, "HI": 1.5, "XX": 1.0}
+CREMAD_ACTORS = 91
+LAYOUTS = ("ravdess", "emodb", "cremad")
 
 
 class EspeakMissing(RuntimeError):
@@ -102,6 +126,10 @@ def generate(out: str | os.PathLike, actors: int = 8, seed: int = 0, sample_rate
         if not 1 <= actors <= len(EMODB_SPEAKERS):
             raise ValueError(f"--actors must be 1..{len(EMODB_SPEAKERS)} in the emodb layout (EmoDB's speakers)")
         return _generate_emodb(out, actors, rng, sample_rate or 16000)
+    if layout == "cremad":
+        if not 1 <= actors <= CREMAD_ACTORS:
+            raise ValueError(f"--actors must be 1..{CREMAD_ACTORS} in the cremad layout (CREMA-D's actors)")
+        return _generate_cremad(out, actors, rng, sample_rate or 16000)
     sample_rate = sample_rate or 48000
     for a in range(1, actors + 1):
         variant = f"{'m' if a % 2 else 'f'}{(a - 1) // 2 % 4 + 1}"
@@ -140,6 +168,34 @@ def _generate_emodb(out: Path, speakers: int, rng: np.random.Generator, sample_r
     return out
 
 
+def _generate_cremad(out: Path, actors: int, rng: np.random.Generator, sample_rate: int) -> Path:
+    sexes = []
+    for i in range(actors):
+        actor = 1001 + i
+        male = i % 2 == 0
+        sexes.append((actor, "Male" if male else "Female"))
+        variant = f"m{i // 2 % 7 + 1}" if male else f"f{i // 2 % 5 + 1}"
+        base_pitch, base_rate = rng.integers(-10, 11), rng.uniform(0.85, 1.15)
+        for emo, (rate_f, dp, amp, gap) in CREMAD_PROFILES.items():
+            for code, text in CREMAD_SENTENCES.items():
+                levels = ("XX",) if code != "IEO" or emo == "NEU" else ("LO", "MD", "HI")
+                for level in levels:
+                    path = out / "AudioWAV" / f"{actor}_{code}_{emo}_{level}.wav"
+                    if path.is_file():
+                        continue
+                    k = CREMAD_LEVELS[level]
+                    rate = int(170 * base_rate * (1 + k * (rate_f - 1)) * rng.uniform(0.92, 1.08))
+                    pitch = int(np.clip(50 + base_pitch + k * dp + rng.integers(-5, 6), 0, 99))
+                    amplitude = int(np.clip(100 + k * (amp - 100) + rng.integers(-12, 13), 20, 200))
+                    x = _speak(text, f"en-us+{variant}", rate, pitch, amplitude, int(k * gap), sample_rate)
+                    _write(path, x, sample_rate, rng)
+    demo = out / "VideoDemographics.csv"
+    tmp = demo.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text("ActorID,Sex\n" + "".join(f"{a},{s}\n" for a, s in sexes))
+    os.replace(tmp, demo)
+    return out
+
+
 def main(argv):
     del argv
     from absl import flags
@@ -160,8 +216,9 @@ if __name__ == "__main__":
 
     absl_flags.DEFINE_string("out", None, "folder to write")
     absl_flags.DEFINE_enum("layout", "ravdess", list(LAYOUTS), "ravdess: English, 8 classes, 60 clips per actor; "
-                           "emodb: German, 7 classes, 70 clips per speaker")
-    absl_flags.DEFINE_integer("actors", 8, "speakers (at most 10 in the emodb layout)")
+                           "emodb: German, 7 classes, 70 clips per speaker; cremad: English, 6 classes, "
+                           "82 clips per actor")
+    absl_flags.DEFINE_integer("actors", 8, "speakers (at most 10 in the emodb layout, 91 in the cremad layout)")
     absl_flags.DEFINE_integer("seed", 0, "random seed of the actors' voices and each clip's variation")
     absl_flags.mark_flag_as_required("out")
     app.run(main)
