@@ -94,8 +94,9 @@ def train_and_score(name: str, fm: FlatModel, cfg: train.TrainConfig, x, targets
     model has improved for that many checks. Test data are never read for either."""
     t0 = time.perf_counter()
     best = BestOnValidation(fm, *eval_sets["val"], n_classes, patience) if select_every else None
+    desc = name if lr is None else f"{name} lr {lr:.3g}"
     params, _, _ = train.fit(fm, cfg, x, targets, jax.numpy.asarray(inits), key, lr=lr, parallel=parallel,
-                             epoch_mode=epoch_mode, progress=progress, desc=name, mesh=mesh, on_epochs=best,
+                             epoch_mode=epoch_mode, progress=progress, desc=desc, mesh=mesh, on_epochs=best,
                              every=select_every)
     jax.block_until_ready(params)
     seconds = time.perf_counter() - t0

@@ -75,7 +75,8 @@ def train_small(cfg, fm, x, targets, lr, inits, key, eval_sets, n_classes, name)
     return eval_lib.train_and_score(name, fm, eval_config(cfg), x, targets, inits, key, eval_sets,
                                     n_classes, lr=lr, parallel=cfg.parallel or None,
                                     epoch_mode=cfg.epoch_mode or None, mesh=distill_lib.data_mesh(cfg.mesh_devices),
-                                    select_every=cfg.eval_select_every, patience=cfg.eval_patience)
+                                    select_every=cfg.eval_select_every, patience=cfg.eval_patience,
+                                    progress=cfg.progress)
 
 
 def _digest(*arrays) -> str:
@@ -122,7 +123,7 @@ def _reference(cfg: RunConfig, fm, x, y, inits, key, eval_sets: dict, n_classes:
     result = eval_lib.train_and_score("full_data_reference", fm, tc, x, train.one_hot(y, n_classes), inits, key,
                                       eval_sets, n_classes, parallel=cfg.parallel or None,
                                       epoch_mode=cfg.epoch_mode or None, mesh=distill_lib.data_mesh(cfg.mesh_devices),
-                                      select_every=max(1, epochs // 10), epochs=epochs)
+                                      select_every=max(1, epochs // 10), epochs=epochs, progress=cfg.progress)
     if path is not None:
         atomic_write_json(path, result.to_json())
     return result

@@ -256,8 +256,10 @@ def test_a_distilled_set_is_re_evaluated_under_other_evaluation_settings(finishe
     assert proc.returncode == 2 and "differ: distill, eval_seeds" in proc.stderr and "alone" not in proc.stderr
     assert not (workdir / pipeline.EARLIER_EVALUATIONS).exists()
     proc = run("--stage=evaluate", "--eval_seeds=3", "--eval_optimizer=mtt", "--baselines=", "--eval_lr_choice=shared",
-               "--eval_fixed_inits=1")
+               "--eval_fixed_inits=1", "--progress")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # the evaluation shows a bar for every model family it trains (progress is not part of the run's identity)
+    assert "full_data_reference:" in proc.stderr and "distilled_random_init lr " in proc.stderr
     kept = workdir / pipeline.EARLIER_EVALUATIONS / "1"
     assert {name: (kept / name).read_bytes() for name in before} == before
     assert (kept / "plots").is_dir() and (kept / "audio").is_dir()
