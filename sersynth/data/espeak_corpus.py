@@ -11,7 +11,7 @@ and speakers that differ in voice variant, base pitch and rate. Three layouts:
 * ``cremad``: English, 6 classes, CREMA-D's twelve sentences and levels (the first sentence at low,
   medium and high intensity, the rest unspecified), ``AudioWAV/AAAA_SSS_EMO_LL.wav`` at 16 kHz plus
   ``VideoDemographics.csv`` (82 clips per actor; ``--actors=91`` for CREMA-D's size, 7,462 clips), read
-  by ``--corpus=cremad``: a corpus large enough that 10 samples per class are about 1% of it.
+  by ``--corpus=cremad``: large enough that 5 samples per class are 1% of a 40% training split.
 
 Used to measure distillation against coresets on data other than the embedded corpus
 (benchmarks/RESULTS.md):
