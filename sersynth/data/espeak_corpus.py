@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sersynth.io import atomic_write_bytes
+
 # RAVDESS emotion codes -> (rate factor, pitch offset, amplitude, word gap in 10 ms units)
 PROFILES = {
     "01": (1.00, 0, 100, 0),     # neutral
@@ -189,10 +191,8 @@ def _generate_cremad(out: Path, actors: int, rng: np.random.Generator, sample_ra
                     amplitude = int(np.clip(100 + k * (amp - 100) + rng.integers(-12, 13), 20, 200))
                     x = _speak(text, f"en-us+{variant}", rate, pitch, amplitude, int(k * gap), sample_rate)
                     _write(path, x, sample_rate, rng)
-    demo = out / "VideoDemographics.csv"
-    tmp = demo.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text("ActorID,Sex\n" + "".join(f"{a},{s}\n" for a, s in sexes))
-    os.replace(tmp, demo)
+    atomic_write_bytes(out / "VideoDemographics.csv",
+                       ("ActorID,Sex\n" + "".join(f"{a},{s}\n" for a, s in sexes)).encode())
     return out
 
 
