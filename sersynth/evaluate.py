@@ -123,19 +123,36 @@ def merge_seeds(name: str, runs: list[Result], n_train: int, extra: dict | None 
                   None if any(p is None for p in params) else jax.numpy.concatenate(params))
 
 
-def choose_lr(train_at: Callable[[float], Result], candidates: Sequence[float]) -> Result:
+def choose_lr(train_at: Callable[[float], Result], candidates: Sequence[float], extend: int = 0,
+              factor: float = 3.0) -> Result:
     """Trains one setting at every candidate lr (``train_at(lr)``) and keeps the one whose models
     have the best mean validation UAR (ties: the earlier candidate). The chosen lr is in
     ``extra["lr"]``, every candidate's mean validation UAR in ``extra["lr_val_uar"]``, and
-    ``train_seconds`` counts every candidate's training."""
-    best, tried, seconds = None, {}, 0.0
-    for lr in candidates:
+    ``train_seconds`` counts every candidate's training.
+
+    ``extend``: while the best lr is the largest one tried, up to this many more are tried, each
+    ``factor`` times the last, stopping at the first that does not raise validation UAR (a setting
+    whose best lr sits at the grid's edge gets to look beyond it); how many were added is in
+    ``extra["lr_extended"]``."""
+    best, best_lr, tried, seconds = None, None, {}, 0.0
+
+    def attempt(lr):
+        nonlocal best, best_lr, seconds
         r = train_at(lr)
         seconds += r.train_seconds
         tried[f"{lr:.6g}"] = r.mean_std("val")[0]
         if best is None or tried[f"{lr:.6g}"] > best.mean_std("val")[0]:
             best, best_lr = r, lr
+
+    for lr in candidates:
+        attempt(lr)
+    top, added = max(candidates), 0
+    while added < extend and best_lr == top:
+        top, added = top * factor, added + 1
+        attempt(top)
     best.extra.update(lr=float(best_lr), lr_val_uar=tried)
+    if extend:
+        best.extra["lr_extended"] = added
     best.train_seconds = seconds
     return best
 

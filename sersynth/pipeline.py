@@ -39,8 +39,8 @@ from sersynth.models import MODELS, ModelSpec, flat_model
 STAGES = ("prepare", "experts", "distill", "evaluate")
 # settings that change only how a distilled set is evaluated: a run directory re-evaluated under other
 # values (--stage=evaluate) keeps the earlier evaluation in EARLIER_EVALUATIONS
-EVALUATION_SETTINGS = ("eval_seeds", "eval_fixed_inits", "eval_epochs", "eval_lr_grid", "eval_lr_choice",
-                       "eval_optimizer", "eval_batch_size", "eval_select_every", "eval_patience", "reference_epochs",
+EVALUATION_SETTINGS = ("eval_seeds", "eval_fixed_inits", "eval_epochs", "eval_lr_grid", "eval_lr_extend",
+                       "eval_lr_choice", "eval_optimizer", "eval_batch_size", "eval_select_every", "eval_patience", "reference_epochs",
                        "render_per_class", "privacy_audit", "baselines", "eval_models", "dm")
 EARLIER_EVALUATIONS = "earlier_evaluations"
 # those of them the distillation's own validation (which iteration is kept) trains with
@@ -68,7 +68,7 @@ def run_identity(recorded: dict) -> dict:
     distillation's and DM's settings, ``train.ADDED_LATER`` in the experts'):
     a run recorded before or after a setting existed is the same run."""
     d = without_added_later(recorded, {"mia_holdout": 0.0, "select_lr": "learned", "eval_lr_choice": "each",
-                                       "eval_fixed_inits": 0})
+                                       "eval_fixed_inits": 0, "eval_lr_extend": 0})
     for part, added in (("distill", distill_lib.ADDED_LATER), ("dm", distill_lib.ADDED_LATER),
                         ("expert_train", train.ADDED_LATER)):
         if isinstance(d.get(part), dict):
@@ -111,6 +111,7 @@ class RunConfig:
     eval_fixed_inits: int = 0             # fixed-init settings train from this many of the experts' inits (0: all)
     eval_epochs: int = 300                # epochs on distilled / subset data
     eval_lr_grid: tuple[float, ...] = (0.3, 1.0, 3.0)   # lr candidates: the learned lr and expert lr x each
+    eval_lr_extend: int = 0               # best lr = the largest candidate: try up to N more, each x3 the last
     eval_lr_choice: str = "each"          # each setting chooses its lr | shared: the random subset's choice for all
     select_lr: str = "learned"            # validation during distillation trains at: learned | candidates
     eval_optimizer: str = "learned_sgd"   # learned_sgd | mtt | expert (see protocol.eval_config)
@@ -193,6 +194,8 @@ class RunConfig:
             raise RunError(f"--eval_batch_size must be >= 0, got {self.eval_batch_size}")
         if self.eval_lr_grid and min(self.eval_lr_grid) <= 0:
             raise RunError("--eval_lr_grid needs positive multipliers (or none: the learned lr alone)")
+        if self.eval_lr_extend < 0:
+            raise RunError(f"--eval_lr_extend must be >= 0, got {self.eval_lr_extend}")
         if self.eval_lr_choice not in protocol.LR_CHOICES:
             raise RunError(f"--eval_lr_choice must be one of {', '.join(protocol.LR_CHOICES)}, "
                            f"got {self.eval_lr_choice!r}")

@@ -159,12 +159,14 @@ def small_sets(cfg: RunConfig, fm, ex: Experts, x_tr, y_tr, n_classes: int, x_sy
 PER_SEED = ("random_subset",)    # small sets drawn anew for every seed (seed s trains on set s from init s)
 
 
-def _train_set(cfg, fm, name, pairs, inits, key, sets, n_classes, cands, per_seed: bool) -> eval_lib.Result:
-    """One setting, choosing its lr on validation: every init on the one set, or (``per_seed``)
-    seed s on set s from init s."""
+def _train_set(cfg, fm, name, pairs, inits, key, sets, n_classes, cands, per_seed: bool, extend: int
+               ) -> eval_lib.Result:
+    """One setting, choosing its lr on validation (looking ``extend`` candidates beyond the largest:
+    :func:`sersynth.evaluate.choose_lr`): every init on the one set, or (``per_seed``) seed s on set s
+    from init s."""
     if not per_seed:
         x, t = pairs[0]
-        return eval_lib.choose_lr(lambda l: train_small(cfg, fm, x, t, l, inits, key, sets, n_classes, name), cands)
+        return eval_lib.choose_lr(lambda l: train_small(cfg, fm, x, t, l, inits, key, sets, n_classes, name), cands, extend)
 
     def at(lr_):
         return eval_lib.merge_seeds(name, [
@@ -172,7 +174,7 @@ def _train_set(cfg, fm, name, pairs, inits, key, sets, n_classes, cands, per_see
                         jax.random.fold_in(key, 100 + s), sets, n_classes, name)
             for s, (x, t) in enumerate(pairs)], int(pairs[0][0].shape[0]))
 
-    return eval_lib.choose_lr(at, cands)
+    return eval_lib.choose_lr(at, cands, extend)
 
 
 def shared_lr(cfg: RunConfig, train_random_subset: Callable[[list[float]], eval_lib.Result], cands: list[float]
@@ -221,15 +223,17 @@ def train_every_setting(cfg: RunConfig, fm, ex: Experts, x_tr, y_tr, sets: dict,
     coresets = [n for n in pools if n != "distilled"]
     keys = {name: jax.random.fold_in(key, 3 + k) for k, name in enumerate(coresets)}
     use, done = shared_lr(cfg, lambda c: _train_set(cfg, fm, "random_subset_fixed_init", pools["random_subset"],
-                                                    inits, keys["random_subset"], sets, n_classes, c, True), cands)
+                                                    inits, keys["random_subset"], sets, n_classes, c, True,
+                                                    cfg.eval_lr_extend), cands)
+    extend = cfg.eval_lr_extend if done is None else 0      # shared: the random subset's lr, no search of their own
     results["distilled_fixed_init"] = _train_set(cfg, fm, "distilled_fixed_init", pools["distilled"], inits, key,
-                                                 sets, n_classes, use, False)
+                                                 sets, n_classes, use, False, extend)
     results["distilled_random_init"] = _train_set(cfg, fm, "distilled_random_init", pools["distilled"], random_inits,
-                                                  jax.random.fold_in(key, 2), sets, n_classes, use, False)
+                                                  jax.random.fold_in(key, 2), sets, n_classes, use, False, extend)
     for name in coresets:
         setting = f"{name}_fixed_init"
         results[setting] = done if done is not None and name == "random_subset" else _train_set(
-            cfg, fm, setting, pools[name], inits, keys[name], sets, n_classes, use, name in PER_SEED)
+            cfg, fm, setting, pools[name], inits, keys[name], sets, n_classes, use, name in PER_SEED, extend)
     if done is not None:
         _mark_shared(results, "random_subset_fixed_init")
     if "dm" in info:
@@ -248,11 +252,13 @@ def train_other_model(cfg: RunConfig, fm_other, x_tr, y_tr, sets: dict, n_classe
                                                   n_classes, store)}
     keys = {name: jax.random.fold_in(key, 9 + k) for k, name in enumerate(pools)}
     use, done = shared_lr(cfg, lambda c: _train_set(cfg, fm_other, "random_subset_random_init", pools["random_subset"],
-                                                    inits, keys["random_subset"], sets, n_classes, c, True), cands)
+                                                    inits, keys["random_subset"], sets, n_classes, c, True,
+                                                    cfg.eval_lr_extend), cands)
+    extend = cfg.eval_lr_extend if done is None else 0
     for name, pairs in pools.items():
         setting = f"{name}_random_init"
         out[setting] = done if done is not None and name == "random_subset" else _train_set(
-            cfg, fm_other, setting, pairs, inits, keys[name], sets, n_classes, use, name in PER_SEED)
+            cfg, fm_other, setting, pairs, inits, keys[name], sets, n_classes, use, name in PER_SEED, extend)
     if done is not None:
         _mark_shared(out, "random_subset_random_init")
     return out

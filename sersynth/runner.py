@@ -130,6 +130,9 @@ flags.DEFINE_integer("eval_epochs", 300, "epochs when training on the distilled 
 flags.DEFINE_list("eval_lr_grid", ["0.3", "1", "3"], "lr candidates of every small-set setting (distilled, random "
                   "subset, herding), each choosing on validation: the learned lr and --expert_lr x each of these "
                   "(empty: the learned lr alone)")
+flags.DEFINE_integer("eval_lr_extend", 0, "when a small-set setting's best lr on validation is the largest "
+                     "candidate, try up to N more, each 3x the last, stopping at the first that does not raise "
+                     "validation UAR (0: the candidates only)")
 flags.DEFINE_enum("eval_lr_choice", "each", list(protocol.LR_CHOICES),
                   "each: every small-set setting chooses its lr among the candidates on validation; shared: the "
                   "random subset chooses (per trained model) and every other setting trains at its choice (one "
@@ -220,7 +223,7 @@ def config_from_flags() -> pipeline.RunConfig:
             augment=F.syn_augment, remat=F.remat, segment=F.remat_segment, unroll=F.scan_unroll),
         mesh_devices=F.mesh_devices, eval_every=F.eval_every, checkpoint_every=F.checkpoint_every, log_every=F.log_every,
         eval_seeds=F.eval_seeds, eval_fixed_inits=F.eval_fixed_inits, eval_epochs=F.eval_epochs,
-        eval_lr_grid=lr_grid, eval_lr_choice=F.eval_lr_choice,
+        eval_lr_grid=lr_grid, eval_lr_extend=F.eval_lr_extend, eval_lr_choice=F.eval_lr_choice,
         select_lr=F.select_lr,
         eval_optimizer=F.eval_optimizer,
         eval_batch_size=F.eval_batch_size, eval_select_every=F.eval_select_every, eval_patience=F.eval_patience, tune=tune, reference_epochs=F.reference_epochs,

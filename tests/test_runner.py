@@ -256,7 +256,7 @@ def test_a_distilled_set_is_re_evaluated_under_other_evaluation_settings(finishe
     assert proc.returncode == 2 and "differ: distill, eval_seeds" in proc.stderr and "alone" not in proc.stderr
     assert not (workdir / pipeline.EARLIER_EVALUATIONS).exists()
     proc = run("--stage=evaluate", "--eval_seeds=3", "--eval_optimizer=mtt", "--baselines=", "--eval_lr_choice=shared",
-               "--eval_fixed_inits=1", "--progress")
+               "--eval_fixed_inits=1", "--progress", "--eval_lr_extend=1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     # the evaluation shows a bar for every model family it trains (progress is not part of the run's identity)
     assert "full_data_reference:" in proc.stderr and "distilled_random_init lr " in proc.stderr
@@ -269,9 +269,11 @@ def test_a_distilled_set_is_re_evaluated_under_other_evaluation_settings(finishe
     assert [len(report["results"][k]["uar"]["test"]) for k in ("distilled_fixed_init", "herding_subset_fixed_init",
                                                               "random_subset_fixed_init")] == [1, 1, 3]
     assert "kcenter_subset_fixed_init" not in report["results"]
-    # --eval_lr_choice=shared: the random subset chose among every candidate, the other settings trained at its lr
+    # --eval_lr_choice=shared: the random subset chose among every candidate (--eval_lr_extend=1: and 3x the largest
+    # where that one won), the other settings trained at its lr
     chosen = report["results"]["random_subset_fixed_init"]["extra"]
-    assert len(chosen["lr_val_uar"]) == len(report["lr_candidates"]) == 4
+    assert len(chosen["lr_val_uar"]) == len(report["lr_candidates"]) + chosen["lr_extended"] == 4 + chosen["lr_extended"]
+    assert (f"{3 * max(report['lr_candidates']):.6g}" in chosen["lr_val_uar"]) == (chosen["lr_extended"] == 1)
     for name in ("distilled_fixed_init", "distilled_random_init", "herding_subset_fixed_init"):
         extra = report["results"][name]["extra"]
         assert (extra["lr"], extra["lr_chosen_by"], len(extra["lr_val_uar"])) == (chosen["lr"], "random_subset", 1)

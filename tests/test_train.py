@@ -265,6 +265,31 @@ def test_choose_lr_keeps_the_best_validation_lr():
     assert r.train_seconds == 6.0
 
 
+def test_choose_lr_looks_beyond_the_largest_candidate_while_validation_rises():
+    from sersynth.evaluate import Result, choose_lr
+
+    def setting(scores):
+        seen = []
+
+        def train_at(lr):
+            seen.append(lr)
+            v = scores(lr)
+            return Result("s", {"val": [v], "test": [0.0]}, {"val": [v], "test": [0]}, {}, 1.0, 5)
+        return seen, train_at
+
+    seen, at = setting(lambda lr: -abs(lr - 0.2))                          # rises up to lr 0.2, then falls
+    r = choose_lr(at, [0.05, 0.01, 0.03], extend=3)
+    assert seen == pytest.approx([0.05, 0.01, 0.03, 0.15, 0.45]) and r.extra["lr"] == pytest.approx(0.15)
+    assert r.extra["lr_extended"] == 2 and r.train_seconds == 5.0 and len(r.extra["lr_val_uar"]) == 5
+    seen, at = setting(lambda lr: lr)                                      # rises for ever: at most `extend` more
+    assert choose_lr(at, [0.1, 0.3], extend=2).extra["lr"] == pytest.approx(2.7) and len(seen) == 4
+    seen, at = setting(lambda lr: -lr)                                     # the best is inside the grid: no more
+    r = choose_lr(at, [0.1, 0.3], extend=2)
+    assert seen == [0.1, 0.3] and r.extra["lr"] == 0.1 and r.extra["lr_extended"] == 0
+    seen, at = setting(lambda lr: lr)
+    assert "lr_extended" not in choose_lr(at, [0.1, 0.3]).extra and seen == [0.1, 0.3]
+
+
 def test_merge_seeds_keeps_scores_and_selected_epochs_in_seed_order():
     from sersynth.evaluate import Result, merge_seeds
 
