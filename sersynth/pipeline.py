@@ -40,8 +40,8 @@ STAGES = ("prepare", "experts", "distill", "evaluate")
 # settings that change only how a distilled set is evaluated: a run directory re-evaluated under other
 # values (--stage=evaluate) keeps the earlier evaluation in EARLIER_EVALUATIONS
 EVALUATION_SETTINGS = ("eval_seeds", "eval_fixed_inits", "eval_epochs", "eval_lr_grid", "eval_lr_extend",
-                       "eval_lr_choice", "eval_optimizer", "eval_batch_size", "eval_select_every", "eval_patience", "reference_epochs",
-                       "render_per_class", "privacy_audit", "baselines", "eval_models", "dm")
+                       "eval_lr_choice", "eval_optimizer", "eval_batch_size", "eval_select_every", "eval_patience",
+                       "reference_epochs", "render_per_class", "privacy_audit", "baselines", "eval_models", "dm")
 EARLIER_EVALUATIONS = "earlier_evaluations"
 # those of them the distillation's own validation (which iteration is kept) trains with
 SELECTION_SETTINGS = ("eval_seeds", "eval_epochs", "eval_optimizer", "eval_batch_size", "eval_select_every",

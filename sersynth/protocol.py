@@ -166,7 +166,8 @@ def _train_set(cfg, fm, name, pairs, inits, key, sets, n_classes, cands, per_see
     from init s."""
     if not per_seed:
         x, t = pairs[0]
-        return eval_lib.choose_lr(lambda l: train_small(cfg, fm, x, t, l, inits, key, sets, n_classes, name), cands, extend)
+        return eval_lib.choose_lr(lambda l: train_small(cfg, fm, x, t, l, inits, key, sets, n_classes, name), cands,
+                                  extend)
 
     def at(lr_):
         return eval_lib.merge_seeds(name, [

@@ -272,7 +272,7 @@ def test_a_distilled_set_is_re_evaluated_under_other_evaluation_settings(finishe
     # --eval_lr_choice=shared: the random subset chose among every candidate (--eval_lr_extend=1: and 3x the largest
     # where that one won), the other settings trained at its lr
     chosen = report["results"]["random_subset_fixed_init"]["extra"]
-    assert len(chosen["lr_val_uar"]) == len(report["lr_candidates"]) + chosen["lr_extended"] == 4 + chosen["lr_extended"]
+    assert len(chosen["lr_val_uar"]) - chosen["lr_extended"] == len(report["lr_candidates"]) == 4
     assert (f"{3 * max(report['lr_candidates']):.6g}" in chosen["lr_val_uar"]) == (chosen["lr_extended"] == 1)
     for name in ("distilled_fixed_init", "distilled_random_init", "herding_subset_fixed_init"):
         extra = report["results"][name]["extra"]
@@ -368,6 +368,7 @@ def test_compile_cache_folder():
     ("--corpus=ravdess", "error: --corpus=ravdess needs --corpus_dir"),
     ("--n_mels=4000", "error: n_mels must be in"),
     ("--eval_lr_grid=0,1", "error: --eval_lr_grid needs positive multipliers"),
+    ("--eval_lr_extend=-1", "error: --eval_lr_extend must be >= 0, got -1"),
     ("--eval_fixed_inits=3", "error: --eval_fixed_inits=3 needs as many experts (--n_experts=2)"),
 ])
 def test_bad_flags_fail_fast_with_one_line(tmp_path, flag, message):
