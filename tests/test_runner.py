@@ -458,7 +458,7 @@ def test_per_seed_sets_train_one_model_each_whatever_their_number():
     sets = {"val": (x, y), "test": (x, y)}
     inits = fm.init_many(jax.random.split(jax.random.key(0), 3))
     for per_seed, pairs, seeds in ((True, [pair], 1), (True, [pair, pair], 2), (False, [pair], 3)):
-        r = protocol._train_set(cfg, fm, "s", pairs, inits, jax.random.key(1), sets, 3, [0.01], per_seed)
+        r = protocol._train_set(cfg, fm, "s", pairs, inits, jax.random.key(1), sets, 3, [0.01], per_seed, 0)
         assert len(r.uar["test"]) == seeds, (per_seed, len(pairs))
 
 
