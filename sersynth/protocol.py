@@ -179,15 +179,16 @@ def _train_set(cfg, fm, name, pairs, inits, key, sets, n_classes, cands, per_see
 
 
 def shared_lr(cfg: RunConfig, train_random_subset: Callable[[list[float]], eval_lib.Result], cands: list[float]
-              ) -> tuple[list[float], eval_lib.Result | None]:
+              ) -> tuple[list[float], int, eval_lib.Result | None]:
     """``--eval_lr_choice=shared``: the random subset (the neutral small set) chooses among ``cands``
-    on validation and every other small set of that model trains at its choice, so one model's
-    settings cost one training each plus the random subset's other candidates. Returns ``(the
-    candidates the other settings train at, the random subset's result or None)``."""
+    on validation (``train_random_subset`` looks beyond them under ``--eval_lr_extend``) and every
+    other small set of that model trains at its choice, so one model's settings cost one training
+    each plus the random subset's other candidates. Returns ``(the candidates the other settings
+    train at, how far beyond them they look, the random subset's result or None)``."""
     if cfg.eval_lr_choice != "shared" or len(cands) == 1:
-        return cands, None
+        return cands, cfg.eval_lr_extend, None
     r = train_random_subset(cands)
-    return [float(r.extra["lr"])], r
+    return [float(r.extra["lr"])], 0, r
 
 
 def _mark_shared(results: dict[str, eval_lib.Result], chooser: str) -> None:
@@ -223,10 +224,9 @@ def train_every_setting(cfg: RunConfig, fm, ex: Experts, x_tr, y_tr, sets: dict,
     inits = fixed_inits(cfg, ex)
     coresets = [n for n in pools if n != "distilled"]
     keys = {name: jax.random.fold_in(key, 3 + k) for k, name in enumerate(coresets)}
-    use, done = shared_lr(cfg, lambda c: _train_set(cfg, fm, "random_subset_fixed_init", pools["random_subset"],
-                                                    inits, keys["random_subset"], sets, n_classes, c, True,
-                                                    cfg.eval_lr_extend), cands)
-    extend = cfg.eval_lr_extend if done is None else 0      # shared: the random subset's lr, no search of their own
+    use, extend, done = shared_lr(cfg, lambda c: _train_set(cfg, fm, "random_subset_fixed_init", pools["random_subset"],
+                                                            inits, keys["random_subset"], sets, n_classes, c, True,
+                                                            cfg.eval_lr_extend), cands)
     results["distilled_fixed_init"] = _train_set(cfg, fm, "distilled_fixed_init", pools["distilled"], inits, key,
                                                  sets, n_classes, use, False, extend)
     results["distilled_random_init"] = _train_set(cfg, fm, "distilled_random_init", pools["distilled"], random_inits,
@@ -252,10 +252,9 @@ def train_other_model(cfg: RunConfig, fm_other, x_tr, y_tr, sets: dict, n_classe
     out = {"full_data_reference": train_reference(cfg, fm_other, x_tr, y_tr, inits, jax.random.fold_in(key, 8), sets,
                                                   n_classes, store)}
     keys = {name: jax.random.fold_in(key, 9 + k) for k, name in enumerate(pools)}
-    use, done = shared_lr(cfg, lambda c: _train_set(cfg, fm_other, "random_subset_random_init", pools["random_subset"],
-                                                    inits, keys["random_subset"], sets, n_classes, c, True,
-                                                    cfg.eval_lr_extend), cands)
-    extend = cfg.eval_lr_extend if done is None else 0
+    use, extend, done = shared_lr(cfg, lambda c: _train_set(cfg, fm_other, "random_subset_random_init",
+                                                            pools["random_subset"], inits, keys["random_subset"],
+                                                            sets, n_classes, c, True, cfg.eval_lr_extend), cands)
     for name, pairs in pools.items():
         setting = f"{name}_random_init"
         out[setting] = done if done is not None and name == "random_subset" else _train_set(
