@@ -626,109 +626,133 @@ def record_training_choice(cfg: RunConfig, guide: str, results: dict, cross: dic
     return meta
 
 
+def _privacy_audit(cfg: RunConfig, fm, fs: cache_lib.FeatureSet, distilled: dict, results: dict, full_params,
+                   train: tuple, sets: dict) -> dict:
+    """The privacy audit of the distilled set (:func:`privacy.audit`) against the run's training split, with
+    the validation and test clips as non-members and the clips ``--mia_holdout`` kept out, if any."""
+    (x_tr, y_tr), x_syn = train, distilled["x"]
+    x_hold = np.concatenate([sets["val"][0], sets["test"][0]])
+    y_hold = np.concatenate([sets["val"][1], sets["test"][1]])
+    spk_hold = np.concatenate([fs.speaker[fs.split == cache_lib.SPLIT_CODES[s]] for s in ("val", "test")])
+    spk_train = _training_speakers(fs)
+    dcfg = distill_lib.DistillConfig(**distilled["meta"]["distill"])
+    held = fs.split == HELD_OUT
+    return privacy.audit(fm, x_syn, x_tr, y_tr, x_hold, y_hold,
+                         {"full_data": full_params,
+                          "distilled_fixed_init": results["distilled_fixed_init"].params,
+                          "distilled_random_init": results["distilled_random_init"].params},
+                         seed=cfg.seed, mel_std=fs.mel_std, labels=distilled["labels"],
+                         sources=distill_lib.init_sources(dcfg, x_tr, y_tr, fs.n_classes,
+                                                          distill_lib.init_key(cfg.seed)),
+                         speakers=spk_train,
+                         unseen_speakers=None if spk_train is None else ~np.isin(spk_hold, spk_train),
+                         same_speaker=(fs.x[held], fs.y[held]) if cfg.mia_holdout else None)
+
+
+def _summary(fs: cache_lib.FeatureSet, distilled: dict, results: dict, x_tr: np.ndarray) -> dict:
+    """The report's headline figures: test UAR against the full-data reference and the coresets, storage
+    and training time, the learned lr and the chosen iteration."""
+    x_syn, lr = distilled["x"], float(distilled["lr"])
+    n_syn = x_syn.shape[0]
+
+    def test(name: str) -> float:
+        return results[name].mean_std("test")[0]
+
+    full, experts, fixed = test("full_data_reference"), test("full_data"), test("distilled_fixed_init")
+    full_feature_bytes = int(x_tr.nbytes)
+    train_audio_bytes = int(sum(f.get("bytes", 0) for f in fs.manifest["files"] if f["split"] == "train"))
+    syn_bytes = int(x_syn.astype(np.float32).nbytes)
+    return {
+        "uar_ratio_fixed": fixed / max(full, 1e-9),
+        "uar_ratio_random": test("distilled_random_init") / max(full, 1e-9),
+        "uar_ratio_fixed_vs_experts": fixed / max(experts, 1e-9),
+        "reference_test_uar": full,
+        "distilled_minus_subset_test_uar": fixed - test("random_subset_fixed_init"),
+        "distilled_minus_herding_test_uar": fixed - test("herding_subset_fixed_init"),
+        **{f"distilled_minus_{short}_test_uar": fixed - test(name)
+           for short, name in (("kcenter", "kcenter_subset_fixed_init"), ("dm", "dm_fixed_init")) if name in results},
+        "fraction_of_train": n_syn / x_tr.shape[0],
+        "distilled_bytes": syn_bytes, "full_feature_bytes": full_feature_bytes, "full_audio_bytes": train_audio_bytes,
+        "storage_ratio_features": syn_bytes / full_feature_bytes,
+        "storage_ratio_audio": syn_bytes / max(train_audio_bytes, 1),
+        "train_seconds_full_per_model": results["full_data_reference"].seconds_per_model(),
+        "train_seconds_distilled_per_model": results["distilled_fixed_init"].seconds_per_model(),
+        "learned_lr": lr, "lr_floor_iterations": distilled["meta"].get("lr_floor_iterations", 0),
+        "ipc": n_syn // fs.n_classes, "selected_iteration": distilled["meta"]["selected_iteration"],
+        "distill_seconds": distilled["meta"]["seconds"],
+    }
+
+
+def _warnings(cfg: RunConfig, distilled: dict, summary: dict) -> list[str]:
+    """What the report must say about how the distilled set was chosen."""
+    warnings = [NOT_DISTILLED] if distilled["meta"].get("evaluations") and summary["selected_iteration"] == 0 else []
+    before, now = distilled["meta"].get("selected_under"), selection_settings(cfg)   # None: made before recorded
+    if before is not None and before != now:
+        changed = sorted(k for k in before if before[k] != now.get(k))
+        warnings.append(f"the distilled set's iteration was chosen on validation under other evaluation settings "
+                        f"({', '.join(f'{k}={before[k]}' for k in changed)}) than it is evaluated with here")
+    return warnings
+
+
+def _plots_and_audio(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Experts, distilled: dict,
+                     results: dict, audit: dict | None) -> dict:
+    """The run's plots and Griffin-Lim renders of the distilled set; their paths, relative to the workdir."""
+    p, x_syn, classes = cfg.paths, distilled["x"], fs.classes
+    rows = [json.loads(line) for line in p["metrics"].read_text().splitlines()] if p["metrics"].is_file() else []
+    # a resumed distillation logs the iterations after its last checkpoint again: keep the last of each
+    rows = list({(r.get("iteration"), "loss" in r): r for r in rows if r.get("stage") == "distill"}.values())
+    features = fs.manifest["features"]
+    plots = [report_lib.plot_curves(rows, p["plots"] / "distill_curves.png"),
+             report_lib.plot_spectrograms(x_syn, distilled["labels"], classes, p["plots"] / "distilled_spectrograms.png",
+                                          seconds_per_frame=features["hop_length"] / features["sample_rate"]),
+             report_lib.plot_confusions({"full data": results["full_data_reference"].confusion["test"],
+                                         "distilled, fixed init": results["distilled_fixed_init"].confusion["test"],
+                                         "random subset": results["random_subset_fixed_init"].confusion["test"],
+                                         "herding": results["herding_subset_fixed_init"].confusion["test"]},
+                                        classes, p["plots"] / "confusion_test.png")]
+    if audit is not None:
+        plots.append(report_lib.plot_privacy(audit, p["plots"] / "privacy.png"))
+    if ex.meta.get("val_uar_curve"):
+        plots.append(report_lib.plot_expert_curves(ex.meta["val_uar_curve"], p["plots"] / "experts_val_uar.png",
+                                                   distilled["meta"]["distill"].get("max_start_epoch")))
+    audio = report_lib.render_audio(x_syn, distilled["labels"], classes, fs.mel_mean, fs.mel_std, features,
+                                    p["audio"], cfg.render_per_class) if dist.is_writer() else []
+    return {"plots": [str(x.relative_to(cfg.workdir)) for x in plots],
+            "audio": [str(x.relative_to(cfg.workdir)) for x in audio]}
+
+
 def stage_evaluate(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Experts, distilled: dict) -> dict:
+    """Trains every setting (the distilled set, the coresets, the full-data reference; other models on
+    request), audits privacy on request, and writes report.json, report.md, the plots and the renders."""
     t_start = time.perf_counter()
     fm = _model(cfg, fs)
     if distilled["meta"]["cache_hash"] != fs.hash or distilled["meta"]["experts"] != ex.meta["fingerprint"]:
         raise RunError("the distilled set was made from another feature cache or other experts; re-run distill")
-    n_classes, classes = fs.n_classes, fs.classes
     x_tr, y_tr = fs.subset("train")
     sets = {"val": fs.subset("val"), "test": fs.subset("test")}
     key = jax.random.key(cfg.seed + 11)
     x_syn, t_syn, lr = distilled["x"], distilled["targets"], float(distilled["lr"])
-    n_syn = x_syn.shape[0]
-    ipc = n_syn // n_classes
-    results: dict[str, eval_lib.Result] = {}
 
     store = cfg.paths["experts"] if cfg.experts_dir else None      # shared by runs (sersynth table): one reference each
-    results, cands, pools = protocol.train_every_setting(cfg, fm, ex, x_tr, y_tr, sets, n_classes, x_syn, t_syn, lr,
-                                                         key, store)
+    results, cands, pools = protocol.train_every_setting(cfg, fm, ex, x_tr, y_tr, sets, fs.n_classes, x_syn, t_syn,
+                                                         lr, key, store)
     cross = {}
     for name in cfg.eval_models:
         if name == fm.spec.name:
             continue
         fm_other = _model(dataclasses.replace(cfg, model={**cfg.model, "name": name}), fs)
-        res = protocol.train_other_model(cfg, fm_other, x_tr, y_tr, sets, n_classes, pools, cands,
+        res = protocol.train_other_model(cfg, fm_other, x_tr, y_tr, sets, fs.n_classes, pools, cands,
                                          jax.random.fold_in(key, 1000 + len(cross)), store)
         cross[name] = {"model": fm_other.spec.to_json(), "n_params": fm_other.n_params,
                        "results": {k: r.to_json() for k, r in res.items()}}
         logging.info("evaluated on %s: %s", name, ", ".join(f"{k} {r.mean_std('test')[0]:.3f}" for k, r in res.items()))
 
-    audit = None
-    if cfg.privacy_audit:
-        x_hold = np.concatenate([sets["val"][0], sets["test"][0]])
-        y_hold = np.concatenate([sets["val"][1], sets["test"][1]])
-        spk_hold = np.concatenate([fs.speaker[fs.split == cache_lib.SPLIT_CODES[s]] for s in ("val", "test")])
-        spk_train = _training_speakers(fs)
-        dcfg = distill_lib.DistillConfig(**distilled["meta"]["distill"])
-        audit = privacy.audit(fm, x_syn, x_tr, y_tr, x_hold, y_hold,
-                              {"full_data": jnp.asarray(ex.params[:, -1], jnp.float32),
-                               "distilled_fixed_init": results["distilled_fixed_init"].params,
-                               "distilled_random_init": results["distilled_random_init"].params},
-                              seed=cfg.seed, mel_std=fs.mel_std, labels=distilled["labels"],
-                              sources=distill_lib.init_sources(dcfg, x_tr, y_tr, n_classes,
-                                                               distill_lib.init_key(cfg.seed)),
-                              speakers=spk_train,
-                              unseen_speakers=None if spk_train is None else ~np.isin(spk_hold, spk_train),
-                              same_speaker=(fs.x[fs.split == HELD_OUT], fs.y[fs.split == HELD_OUT]) if cfg.mia_holdout
-                              else None)
-
-    full_feature_bytes = int(x_tr.nbytes)
-    files = fs.manifest["files"]
-    train_audio_bytes = int(sum(f.get("bytes", 0) for f in files if f["split"] == "train"))
-    full = results["full_data_reference"].mean_std("test")[0]
-    experts = results["full_data"].mean_std("test")[0]
-    summary = {
-        "uar_ratio_fixed": results["distilled_fixed_init"].mean_std("test")[0] / max(full, 1e-9),
-        "uar_ratio_random": results["distilled_random_init"].mean_std("test")[0] / max(full, 1e-9),
-        "uar_ratio_fixed_vs_experts": results["distilled_fixed_init"].mean_std("test")[0] / max(experts, 1e-9),
-        "reference_test_uar": full,
-        "distilled_minus_subset_test_uar": results["distilled_fixed_init"].mean_std("test")[0]
-        - results["random_subset_fixed_init"].mean_std("test")[0],
-        "distilled_minus_herding_test_uar": results["distilled_fixed_init"].mean_std("test")[0]
-        - results["herding_subset_fixed_init"].mean_std("test")[0],
-        **{f"distilled_minus_{short}_test_uar": results["distilled_fixed_init"].mean_std("test")[0]
-           - results[name].mean_std("test")[0]
-           for short, name in (("kcenter", "kcenter_subset_fixed_init"), ("dm", "dm_fixed_init")) if name in results},
-        "fraction_of_train": n_syn / x_tr.shape[0],
-        "distilled_bytes": int(x_syn.astype(np.float32).nbytes), "full_feature_bytes": full_feature_bytes,
-        "full_audio_bytes": train_audio_bytes,
-        "storage_ratio_features": x_syn.astype(np.float32).nbytes / full_feature_bytes,
-        "storage_ratio_audio": x_syn.astype(np.float32).nbytes / max(train_audio_bytes, 1),
-        "train_seconds_full_per_model": results["full_data_reference"].seconds_per_model(),
-        "train_seconds_distilled_per_model": results["distilled_fixed_init"].seconds_per_model(),
-        "learned_lr": lr, "lr_floor_iterations": distilled["meta"].get("lr_floor_iterations", 0),
-        "ipc": ipc, "selected_iteration": distilled["meta"]["selected_iteration"],
-        "distill_seconds": distilled["meta"]["seconds"],
-    }
+    audit = _privacy_audit(cfg, fm, fs, distilled, results, jnp.asarray(ex.params[:, -1], jnp.float32),
+                           (x_tr, y_tr), sets) if cfg.privacy_audit else None
+    summary = _summary(fs, distilled, results, x_tr)
     if audit is not None:
-        d, mia = audit["dcr"], audit["membership_inference"]
-        summary.update({"dcr_median_synthetic": d["median_synthetic"], "dcr_median_holdout": d["median_holdout"],
-                        "dcr_frac_below_holdout_p1": d["frac_synthetic_below_holdout_p1"],
-                        "dcr_robust_frac_below_holdout_p1": d["robust"]["frac_synthetic_below_holdout_p1"],
-                        "dcr_mixture_frac_below_holdout_p1": d["mixture"]["frac_synthetic_below_holdout_p1"],
-                        "mia_auc_full_data": mia["full_data"]["auc_mean"],
-                        "mia_auc_distilled": mia["distilled_fixed_init"]["auc_mean"]})
-        for key, short in (("membership_same_speaker", "mia_same_speaker_auc"),
-                           ("membership_init_sources", "mia_init_sources_auc")):
-            if audit.get(key):
-                summary.update({f"{short}_full_data": audit[key]["full_data"]["auc_mean"],
-                                f"{short}_distilled": audit[key]["distilled_fixed_init"]["auc_mean"]})
-        si = audit.get("speaker_identity")
-        if si:
-            summary.update({"speaker_id_check_accuracy": si["check_accuracy"],
-                            "speaker_id_check_chance": si["check_chance"]})
-            if "nearness" in si:
-                summary.update({"speaker_id_nearness_auc": si["nearness"]["auc_synthetic_vs_unseen"],
-                                "speaker_id_check_nearness_auc": si["nearness"]["auc_check_vs_unseen"]})
-            if "source_speaker_hit_rate" in si:
-                summary.update({"speaker_id_source_hit_rate": si["source_speaker_hit_rate"],
-                                "speaker_id_source_chance": si["source_speaker_chance"]})
-        sr = audit.get("source_recovery", {})
-        if sr.get("n_samples"):
-            summary.update({"source_recovery_auc": sr["auc_mean"], "source_recovery_topk_hit_rate": sr["topk_hit_rate"],
-                            "source_recovery_topk_chance": sr["topk_chance"]})
-    report = {"corpus": fs.manifest["corpus"], "classes": classes, "cache_hash": fs.hash,
+        summary.update(privacy.headline(audit))
+    report = {"corpus": fs.manifest["corpus"], "classes": fs.classes, "cache_hash": fs.hash,
               "experts_val_uar_curve": ex.meta.get("val_uar_curve"),
               "model": fm.spec.to_json(), "n_params": fm.n_params, "backend": jax.default_backend(),
               "devices": [str(d) for d in jax.devices()], "jax_version": jax.__version__,
@@ -742,42 +766,14 @@ def stage_evaluate(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Exp
         report["membership_holdout"] = fs.manifest["membership_holdout"]
     if distilled["meta"].get("tune"):
         report["tune"] = distilled["meta"]["tune"]
-    warnings = [NOT_DISTILLED] if distilled["meta"].get("evaluations") and summary["selected_iteration"] == 0 else []
-    before, now = distilled["meta"].get("selected_under"), selection_settings(cfg)   # None: made before recorded
-    if before is not None and before != now:
-        changed = sorted(k for k in before if before[k] != now.get(k))
-        warnings.append(f"the distilled set's iteration was chosen on validation under other evaluation settings "
-                        f"({', '.join(f'{k}={before[k]}' for k in changed)}) than it is evaluated with here")
+    warnings = _warnings(cfg, distilled, summary)
     if warnings:
         report["warnings"] = warnings
-
-    p = cfg.paths
-    rows = [json.loads(line) for line in p["metrics"].read_text().splitlines()] if p["metrics"].is_file() else []
-    # a resumed distillation logs the iterations after its last checkpoint again: keep the last of each
-    rows = list({(r.get("iteration"), "loss" in r): r for r in rows if r.get("stage") == "distill"}.values())
-    plots = [report_lib.plot_curves(rows, p["plots"] / "distill_curves.png"),
-             report_lib.plot_spectrograms(x_syn, distilled["labels"], classes, p["plots"] / "distilled_spectrograms.png",
-                                          seconds_per_frame=fs.manifest["features"]["hop_length"]
-                                          / fs.manifest["features"]["sample_rate"]),
-             report_lib.plot_confusions({"full data": results["full_data_reference"].confusion["test"],
-                                         "distilled, fixed init": results["distilled_fixed_init"].confusion["test"],
-                                         "random subset": results["random_subset_fixed_init"].confusion["test"],
-                                         "herding": results["herding_subset_fixed_init"].confusion["test"]},
-                                        classes, p["plots"] / "confusion_test.png")]
-    if audit is not None:
-        plots.append(report_lib.plot_privacy(audit, p["plots"] / "privacy.png"))
-    if ex.meta.get("val_uar_curve"):
-        plots.append(report_lib.plot_expert_curves(ex.meta["val_uar_curve"], p["plots"] / "experts_val_uar.png",
-                                                   distilled["meta"]["distill"].get("max_start_epoch")))
-    audio = report_lib.render_audio(x_syn, distilled["labels"], classes, fs.mel_mean, fs.mel_std,
-                                    fs.manifest["features"], p["audio"], cfg.render_per_class) \
-        if dist.is_writer() else []
-    report["artifacts"] = {"plots": [str(x.relative_to(cfg.workdir)) for x in plots],
-                           "audio": [str(x.relative_to(cfg.workdir)) for x in audio]}
+    report["artifacts"] = _plots_and_audio(cfg, fs, ex, distilled, results, audit)
     report["stage_seconds"] = _stage_seconds(cfg, ex, distilled, time.perf_counter() - t_start)
     if dist.is_writer():          # just before the report, so the two describe the same evaluation
         record_training_choice(cfg, fm.spec.name, results, cross)
-    atomic_write_json(p["report"], report)
+    atomic_write_json(cfg.paths["report"], report)
     atomic_write_bytes(Path(cfg.workdir) / "report.md", report_lib.markdown(report, cfg.to_json()).encode())
     return report
 

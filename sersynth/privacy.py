@@ -415,3 +415,33 @@ def audit(fm: FlatModel, x_syn: np.ndarray, x_train: np.ndarray, y_train: np.nda
         out["speaker_identity"] = speaker_identity(x_syn, labels, x_train, y_train, speakers, sources=sources,
                                                    seed=seed, x_unseen=x_holdout[unseen], y_unseen=y_holdout[unseen])
     return out
+
+
+def headline(audit: dict) -> dict:
+    """The audit's figures a report's summary carries (flat: one number each), from :func:`audit`'s result."""
+    d, mia = audit["dcr"], audit["membership_inference"]
+    out = {"dcr_median_synthetic": d["median_synthetic"], "dcr_median_holdout": d["median_holdout"],
+           "dcr_frac_below_holdout_p1": d["frac_synthetic_below_holdout_p1"],
+           "dcr_robust_frac_below_holdout_p1": d["robust"]["frac_synthetic_below_holdout_p1"],
+           "dcr_mixture_frac_below_holdout_p1": d["mixture"]["frac_synthetic_below_holdout_p1"],
+           "mia_auc_full_data": mia["full_data"]["auc_mean"],
+           "mia_auc_distilled": mia["distilled_fixed_init"]["auc_mean"]}
+    for key, short in (("membership_same_speaker", "mia_same_speaker_auc"),
+                       ("membership_init_sources", "mia_init_sources_auc")):
+        if audit.get(key):
+            out.update({f"{short}_full_data": audit[key]["full_data"]["auc_mean"],
+                        f"{short}_distilled": audit[key]["distilled_fixed_init"]["auc_mean"]})
+    si = audit.get("speaker_identity")
+    if si:
+        out.update({"speaker_id_check_accuracy": si["check_accuracy"], "speaker_id_check_chance": si["check_chance"]})
+        if "nearness" in si:
+            out.update({"speaker_id_nearness_auc": si["nearness"]["auc_synthetic_vs_unseen"],
+                        "speaker_id_check_nearness_auc": si["nearness"]["auc_check_vs_unseen"]})
+        if "source_speaker_hit_rate" in si:
+            out.update({"speaker_id_source_hit_rate": si["source_speaker_hit_rate"],
+                        "speaker_id_source_chance": si["source_speaker_chance"]})
+    sr = audit.get("source_recovery", {})
+    if sr.get("n_samples"):
+        out.update({"source_recovery_auc": sr["auc_mean"], "source_recovery_topk_hit_rate": sr["topk_hit_rate"],
+                    "source_recovery_topk_chance": sr["topk_chance"]})
+    return out
