@@ -27,10 +27,14 @@ def folder(setting: str, environ: dict | None = None) -> str | None:
         environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "sersynth", "xla")
 
 
+MAX_BYTES = 2 << 30      # the cache's bound unless $JAX_COMPILATION_CACHE_MAX_SIZE gives one (-1: none)
+
+
 def use(setting: str) -> str | None:
     """Points XLA's persistent compilation cache at :func:`folder` (programs compiled in under 0.3 s
-    are not stored) and returns the folder. The folder is not bounded: deleting it only costs
-    compile time."""
+    are not stored) and returns the folder. The folder is kept under :data:`MAX_BYTES` (or the bound
+    ``$JAX_COMPILATION_CACHE_MAX_SIZE`` gives jax) by evicting the least recently used programs;
+    deleting it only costs compile time."""
     import jax
 
     path = folder(setting)
@@ -38,4 +42,6 @@ def use(setting: str) -> str | None:
     if path is not None:
         jax.config.update("jax_compilation_cache_dir", path)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.3)
+        if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ:
+            jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
     return path
