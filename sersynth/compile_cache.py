@@ -30,6 +30,16 @@ def folder(setting: str, environ: dict | None = None) -> str | None:
 MAX_BYTES = 2 << 30      # the cache's bound unless $JAX_COMPILATION_CACHE_MAX_SIZE gives one (-1: none)
 
 
+def _can_evict() -> bool:
+    """Whether jax can bound the cache here (it needs filelock, a dependency; a source tree run without
+    installing may lack it, and jax would then fail at the first compile instead of running unbounded)."""
+    try:
+        import filelock  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def use(setting: str) -> str | None:
     """Points XLA's persistent compilation cache at :func:`folder` (programs compiled in under 0.3 s
     are not stored) and returns the folder. The folder is kept under :data:`MAX_BYTES` (or the bound
@@ -42,6 +52,6 @@ def use(setting: str) -> str | None:
     if path is not None:
         jax.config.update("jax_compilation_cache_dir", path)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.3)
-        if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ:
+        if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ and _can_evict():
             jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
     return path
