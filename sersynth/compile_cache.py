@@ -3,6 +3,7 @@ compiled once (by a run, an earlier run, a table cell, ``sersynth train``) is lo
 instead of compiled again."""
 from __future__ import annotations
 
+import importlib.util
 import os
 
 from absl import flags
@@ -33,11 +34,7 @@ MAX_BYTES = 2 << 30      # the cache's bound unless $JAX_COMPILATION_CACHE_MAX_S
 def _can_evict() -> bool:
     """Whether jax can bound the cache here (it needs filelock, a dependency; a source tree run without
     installing may lack it, and jax would then fail at the first compile instead of running unbounded)."""
-    try:
-        import filelock  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("filelock") is not None
 
 
 def use(setting: str) -> str | None:
