@@ -703,7 +703,8 @@ def _plots_and_audio(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.E
     rows = list({(r.get("iteration"), "loss" in r): r for r in rows if r.get("stage") == "distill"}.values())
     features = fs.manifest["features"]
     plots = [report_lib.plot_curves(rows, p["plots"] / "distill_curves.png"),
-             report_lib.plot_spectrograms(x_syn, distilled["labels"], classes, p["plots"] / "distilled_spectrograms.png",
+             report_lib.plot_spectrograms(x_syn, distilled["labels"], classes,
+                                          p["plots"] / "distilled_spectrograms.png",
                                           seconds_per_frame=features["hop_length"] / features["sample_rate"]),
              report_lib.plot_confusions({"full data": results["full_data_reference"].confusion["test"],
                                          "distilled, fixed init": results["distilled_fixed_init"].confusion["test"],
