@@ -3,7 +3,6 @@ compiled once (by a run, an earlier run, a table cell, ``sersynth train``) is lo
 instead of compiled again."""
 from __future__ import annotations
 
-import importlib.util
 import os
 
 from absl import flags
@@ -28,20 +27,10 @@ def folder(setting: str, environ: dict | None = None) -> str | None:
         environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "sersynth", "xla")
 
 
-MAX_BYTES = 2 << 30      # the cache's bound unless $JAX_COMPILATION_CACHE_MAX_SIZE gives one (-1: none)
-
-
-def _can_evict() -> bool:
-    """Whether jax can bound the cache here (it needs filelock, a dependency; a source tree run without
-    installing may lack it, and jax would then fail at the first compile instead of running unbounded)."""
-    return importlib.util.find_spec("filelock") is not None
-
-
 def use(setting: str) -> str | None:
     """Points XLA's persistent compilation cache at :func:`folder` (programs compiled in under 0.3 s
-    are not stored) and returns the folder. The folder is kept under :data:`MAX_BYTES` (or the bound
-    ``$JAX_COMPILATION_CACHE_MAX_SIZE`` gives jax) by evicting the least recently used programs;
-    deleting it only costs compile time."""
+    are not stored) and returns the folder. The folder is not bounded: deleting it only costs
+    compile time."""
     import jax
 
     path = folder(setting)
@@ -49,6 +38,4 @@ def use(setting: str) -> str | None:
     if path is not None:
         jax.config.update("jax_compilation_cache_dir", path)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.3)
-        if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ and _can_evict():
-            jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
     return path
