@@ -1,6 +1,6 @@
 """Trajectory-matching distillation (MTT, Cazenavette et al. 2022) of log-Mel spectrograms.
 
-One outer step: sample an expert ``e`` and a start epoch ``s < max_start_epoch``; from the expert's
+One outer step: sample an expert ``e`` and a start epoch ``min_start_epoch <= s < max_start_epoch``; from the expert's
 parameters ``theta_s`` run ``syn_steps`` SGD steps on synthetic minibatches with the learnable
 learning rate ``lr``; the loss is the normalised parameter distance to the expert ``expert_epochs``
 later::
@@ -67,7 +67,8 @@ class DistillConfig:
     ipc: int = 10                   # synthetic samples per class (paper: 1..150)
     syn_steps: int = 20             # inner SGD steps per outer step (paper: 20)
     expert_epochs: int = 3          # epochs of expert trajectory to match (paper: 3)
-    max_start_epoch: int = 30       # start epoch drawn from [0, max_start_epoch) (paper: 30)
+    max_start_epoch: int = 30       # start epoch drawn from [min_start_epoch, max_start_epoch) (paper: 30)
+    min_start_epoch: int = 0        # DATM: larger sets match later segments (paper, MTT: 0)
     batch_syn: int = 0              # inner minibatch; 0 = the whole synthetic set
     iterations: int = 60            # outer steps (paper: 60)
     lr_img: float = 1000.0          # SGD step on the synthetic data (paper: 1000)
@@ -94,6 +95,8 @@ class DistillConfig:
             (self.syn_steps >= 1, f"--syn_steps must be >= 1, got {self.syn_steps}"),
             (self.expert_epochs >= 1, f"--expert_epochs must be >= 1, got {self.expert_epochs}"),
             (self.max_start_epoch >= 1, f"--max_start_epoch must be >= 1, got {self.max_start_epoch}"),
+            (0 <= self.min_start_epoch < self.max_start_epoch,
+             f"--min_start_epoch must be in [0, --max_start_epoch={self.max_start_epoch}), got {self.min_start_epoch}"),
             (self.batch_syn >= 0, f"--batch_syn must be >= 0, got {self.batch_syn}"),
             (self.iterations >= 1, f"--iterations must be >= 1, got {self.iterations}"),
             (self.lr_img > 0 and self.lr_init >= 0 and self.lr_lr >= 0,
@@ -282,7 +285,7 @@ def measure_lr_init(fm: FlatModel, cfg: DistillConfig, trajectories: np.ndarray,
     batch = inner_batch(cfg, n)
     grad = loss_grad(fm)
     grad_norm = jax.jit(lambda th, xb, tb: jnp.linalg.norm(grad(th, xb, tb).astype(jnp.float32)))
-    segments = [(e, s) for e in range(trajectories.shape[0]) for s in range(cfg.max_start_epoch)]
+    segments = [(e, s) for e in range(trajectories.shape[0]) for s in range(cfg.min_start_epoch, cfg.max_start_epoch)]
     rng = np.random.default_rng(seed)
     if len(segments) > max_segments:
         segments = [segments[i] for i in sorted(rng.choice(len(segments), max_segments, replace=False))]
@@ -378,7 +381,7 @@ def make_outer_step(fm: FlatModel, cfg: DistillConfig, n_classes: int) -> Callab
         key = jax.random.fold_in(root_key, state.step)
         k_expert, k_start, k_inner = jax.random.split(key, 3)
         expert = jax.random.randint(k_expert, (), 0, trajectories.shape[0])
-        start_epoch = jax.random.randint(k_start, (), 0, cfg.max_start_epoch)
+        start_epoch = jax.random.randint(k_start, (), cfg.min_start_epoch, cfg.max_start_epoch)
         start = trajectories[expert, start_epoch].astype(jnp.float32)
         target = trajectories[expert, start_epoch + cfg.expert_epochs].astype(jnp.float32)
         loss, grads = jax.value_and_grad(matching_loss, argnums=2)(
@@ -537,7 +540,7 @@ def run_fingerprint(cfg: DistillConfig, *parts) -> str:
 
 # fields added after runs were made with their default behaviour: at that default they are left out of
 # the recorded settings, so a run made before a field existed is still the same run
-ADDED_LATER = {"label_init": "onehot", "init_noise": 0.0}
+ADDED_LATER = {"label_init": "onehot", "init_noise": 0.0, "min_start_epoch": 0}
 
 
 def settings_json(cfg: DistillConfig) -> dict:

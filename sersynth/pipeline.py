@@ -715,7 +715,8 @@ def _plots_and_audio(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.E
         plots.append(report_lib.plot_privacy(audit, p["plots"] / "privacy.png"))
     if ex.meta.get("val_uar_curve"):
         plots.append(report_lib.plot_expert_curves(ex.meta["val_uar_curve"], p["plots"] / "experts_val_uar.png",
-                                                   distilled["meta"]["distill"].get("max_start_epoch")))
+                                                   distilled["meta"]["distill"].get("max_start_epoch"),
+                                                   distilled["meta"]["distill"].get("min_start_epoch", 0)))
     audio = report_lib.render_audio(x_syn, distilled["labels"], classes, fs.mel_mean, fs.mel_std, features,
                                     p["audio"], cfg.render_per_class) if dist.is_writer() else []
     return {"plots": [str(x.relative_to(cfg.workdir)) for x in plots],

@@ -52,7 +52,8 @@ def plot_curves(rows: list[dict], path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_expert_curves(curve: list[list[float]], path: Path, max_start_epoch: int | None = None) -> Path:
+def plot_expert_curves(curve: list[list[float]], path: Path, max_start_epoch: int | None = None,
+                       min_start_epoch: int = 0) -> Path:
     """Validation UAR of each expert per epoch (``experts/meta.json["val_uar_curve"]``), with the
     range of start epochs distillation draws from shaded."""
     plt = _plt()
@@ -60,7 +61,7 @@ def plot_expert_curves(curve: list[list[float]], path: Path, max_start_epoch: in
     for e, row in enumerate(curve):
         ax.plot(range(len(row)), np.asarray(row) * 100, lw=1, label=f"expert {e}")
     if max_start_epoch:
-        ax.axvspan(0, max_start_epoch - 1, color="tab:gray", alpha=0.15, label="start epochs matched")
+        ax.axvspan(min_start_epoch, max_start_epoch - 1, color="tab:gray", alpha=0.15, label="start epochs matched")
     ax.set(title="experts: validation UAR", xlabel="epoch", ylabel="UAR (%)")
     ax.legend(fontsize=7)
     return _save(fig, path)

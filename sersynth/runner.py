@@ -73,7 +73,9 @@ flags.DEFINE_enum("epoch_mode", "auto", ["auto", "scan", "host"],
 flags.DEFINE_integer("ipc", 10, "synthetic samples per class (paper: 1..150)")
 flags.DEFINE_integer("syn_steps", 20, "inner SGD steps per outer step (paper: 20)")
 flags.DEFINE_integer("expert_epochs", 3, "expert epochs matched per outer step (paper: 3)")
-flags.DEFINE_integer("max_start_epoch", 30, "start epoch drawn from [0, max_start_epoch) (paper: 30)")
+flags.DEFINE_integer("max_start_epoch", 30, "start epoch drawn from [min_start_epoch, max_start_epoch) (paper: 30)")
+flags.DEFINE_integer("min_start_epoch", 0, "first start epoch drawn (paper, MTT: 0; DATM moves the window up for "
+                     "larger sets)")
 flags.DEFINE_integer("batch_syn", 0, "inner minibatch (0: whole synthetic set)")
 flags.DEFINE_integer("iterations", 60, "outer steps (paper: 60)")
 flags.DEFINE_float("lr_img", 1000.0, "SGD step on the synthetic spectrograms (paper: 1000)")
@@ -113,7 +115,7 @@ flags.DEFINE_bool("tune", False, "before distilling, try the settings of --tune_
                   "same experts, scored on validation speakers) and distil with the best; resumable")
 flags.DEFINE_string("tune_grid", "lr_img=100,300,1000;lr_init=0,0.01",
                     "--tune: name=v1,v2;name=v1,v2 over lr_img, lr_init, lr_lr, lr_min, syn_steps, expert_epochs, "
-                    "max_start_epoch, batch_syn, syn_init, syn_init_mix, syn_init_noise, syn_augment, learn_labels, label_init")
+                    "min_start_epoch, max_start_epoch, batch_syn, syn_init, syn_init_mix, syn_init_noise, syn_augment, learn_labels, label_init")
 flags.DEFINE_integer("tune_iterations", 0, "--tune: outer steps per trial (0: --iterations)")
 flags.DEFINE_integer("tune_trials", 0, "--tune: at most this many trials, a seeded sample of the grid (0: all)")
 flags.DEFINE_integer("eval_every", 0, "validate the synthetic set every N iterations and keep the best (0: keep the last)")
@@ -216,6 +218,7 @@ def config_from_flags() -> pipeline.RunConfig:
         parallel="" if F.parallel == "auto" else F.parallel, epoch_mode="" if F.epoch_mode == "auto" else F.epoch_mode,
         distill=distill.DistillConfig(
             ipc=F.ipc, syn_steps=F.syn_steps, expert_epochs=F.expert_epochs, max_start_epoch=F.max_start_epoch,
+            min_start_epoch=F.min_start_epoch,
             batch_syn=F.batch_syn, iterations=F.iterations, lr_img=F.lr_img, momentum=F.outer_momentum,
             lr_init=F.lr_init, lr_lr=F.lr_lr, lr_param=F.lr_param, lr_min=F.lr_min, learn_labels=F.learn_labels,
             lr_labels=F.lr_labels, label_init=F.label_init, init=F.syn_init,

@@ -140,6 +140,7 @@ def test_resume_from_checkpoint_gives_the_same_result(setup, tmp_path):
     (dict(ipc=0), None, "--ipc must be >= 1"),
     (dict(syn_steps=0), None, "--syn_steps must be >= 1"),
     (dict(max_start_epoch=30, expert_epochs=3), 20, "the experts store 20"),
+    (dict(min_start_epoch=5, max_start_epoch=5), None, r"--min_start_epoch must be in \[0, --max_start_epoch=5\)"),
     (dict(syn_steps=10, segment=3), None, "must divide --syn_steps"),
     (dict(remat="all"), None, "--remat must be one of"),
     (dict(label_init="expert"), None, "expert needs --learn_labels"),
@@ -159,6 +160,22 @@ def test_segment_length_near_sqrt():
 def _single_start(traj):
     """One expert whose only start epoch is 0: the outer step's draws are then fixed."""
     return jnp.asarray(traj[:1])
+
+
+def test_start_epochs_are_drawn_from_the_window(setup):
+    """``min_start_epoch <= s < max_start_epoch`` (DATM's window for larger sets): every epoch of the
+    window is drawn and none outside it."""
+    fm, x, y, traj = setup
+    cfg = distill.DistillConfig(ipc=1, syn_steps=2, expert_epochs=1, min_start_epoch=2, max_start_epoch=4,
+                                lr_init=0.05, lr_img=10.0)
+    cfg.validate(traj.shape[1] - 1)
+    step = jax.jit(distill.make_outer_step(fm, cfg, 3))
+    state = distill.init_state(cfg, x, y, 3, jax.random.key(2))
+    drawn = []
+    for _ in range(16):
+        state, m = step(state, jnp.asarray(traj), jax.random.key(3))
+        drawn.append(int(m["start_epoch"]))
+    assert set(drawn) == {2, 3}
 
 
 def test_lr_update_is_mtts_sgd_with_momentum_on_the_raw_lr(setup):
@@ -360,7 +377,7 @@ def test_a_setting_added_later_at_its_default_leaves_older_runs_the_same():
     left out of the recorded settings; set otherwise it changes the provenance."""
     cfg = distill.DistillConfig()
     older = dataclasses.asdict(cfg)
-    older.pop("label_init"), older.pop("init_noise")
+    older.pop("label_init"), older.pop("init_noise"), older.pop("min_start_epoch")
     assert distill.settings_json(cfg) == older
     # a run's recorded settings, written before those settings existed or after, are the same run
     from sersynth import pipeline

@@ -229,9 +229,9 @@ def test_settings_added_later_at_their_older_values_are_the_same_run(finished_ru
     shutil.copytree(finished_run[0], workdir)
     config = json.loads((workdir / "config.json").read_text())
     assert not {"mia_holdout", "select_lr", "eval_fixed_inits"} & set(config)
-    assert not {"label_init", "init_noise"} & set(config["distill"])
+    assert not {"label_init", "init_noise", "min_start_epoch"} & set(config["distill"])
     config.update(mia_holdout=0.0, select_lr="learned", eval_fixed_inits=0)
-    config["distill"].update(label_init="onehot", init_noise=0.0)
+    config["distill"].update(label_init="onehot", init_noise=0.0, min_start_epoch=0)
     (workdir / "config.json").write_text(json.dumps(config))
     proc = run_cli(f"--workdir={workdir}", *TINY_FLAGS, check=False)
     assert proc.returncode == 2 and "holds a finished run" in proc.stderr, proc.stderr[-2000:]
