@@ -182,7 +182,7 @@ def config_from_flags() -> pipeline.RunConfig:
     """The run's settings from the flags (and ``--max_pool`` and ``--compile_cache`` applied to
     what is built and compiled from here on)."""
     models.set_max_pool(F.max_pool)
-    compile_cache.use(F.compile_cache)
+    compile_cache.apply_flags()
     stages = tuple(pipeline.STAGES) if F.stage == ["all"] else tuple(F.stage)
     try:
         split = tuple(float(v) for v in F.split)

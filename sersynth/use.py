@@ -278,7 +278,7 @@ def main_export(argv) -> None:
 
 def main_train(argv) -> None:
     _no_arguments_and(argv, "distilled", "out", out_suffix=".npz", out_kind="a model file")
-    compile_cache.use(F.compile_cache)
+    compile_cache.apply_flags()
     ds = artifact.load_set(F.distilled)
     spec = model_spec(ds, F.model, F.width, F.width_mult)
     print(f"distilled set: {artifact.describe(ds.meta)}; {ds.x.shape[0]} samples")
@@ -312,7 +312,7 @@ def probs_of(m, x_db: np.ndarray, batch: int = 64) -> np.ndarray:
 def main_predict(argv) -> None:
     _required("model")
     if not F.model.endswith(".onnx"):       # an edge model runs without JAX
-        compile_cache.use(F.compile_cache)
+        compile_cache.apply_flags()
     m = load_any_model(F.model)
     paths = list(argv[1:]) + (read_list(F.list) if F.list else [])
     if not paths:
@@ -352,7 +352,7 @@ def main_export_model(argv) -> None:
     _no_arguments_and(argv, "model", "out", out_suffix=".onnx", out_kind="an edge model")
     from sersynth import edge
 
-    compile_cache.use(F.compile_cache)
+    compile_cache.apply_flags()
     m = artifact.load_model(F.model)
     calib = None
     if F.int8:

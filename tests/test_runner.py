@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -356,6 +357,22 @@ def test_compile_cache_folder():
     assert compile_cache_dir("auto", {"JAX_COMPILATION_CACHE_DIR": "/j", "XDG_CACHE_HOME": "/c"}) == "/j"
     assert compile_cache_dir("auto", {"XDG_CACHE_HOME": "/c"}) == os.path.join("/c", "sersynth", "xla")
     assert compile_cache_dir("auto", {}).endswith(os.path.join(".cache", "sersynth", "xla"))
+
+
+def test_compile_cache_prune_deletes_the_least_recently_used(tmp_path):
+    """--compile_cache_max_mb: the oldest files by last use (the later of access and modification)
+    go first, until the folder fits."""
+    from sersynth.compile_cache import prune
+
+    now = time.time()
+    for i, (used, written) in enumerate([(5, 5), (1, 9), (4, 4), (3, 3), (2, 2)]):      # days ago
+        f = tmp_path / f"p{i}"
+        f.write_bytes(b"\0" * 1000)
+        os.utime(f, (now - used * 86_400, now - written * 86_400))
+    assert prune(str(tmp_path), 2500) == (3, 3000)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p1", "p4"]    # p1: written long ago, used yesterday
+    assert prune(str(tmp_path), 2500) == (0, 0)
+    assert prune(str(tmp_path / "missing"), 0) == (0, 0)
 
 
 @pytest.mark.parametrize("flag,message", [

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -108,10 +109,16 @@ def test_predict_features_equal_the_cache(finished_run):
 
 def test_train_then_predict_through_the_command(finished_run, distilled, tmp_path):
     model = tmp_path / "model.npz"
+    stale = tmp_path / "xla" / "jit_stale-0123-cache"         # a 2 MB program last used a day ago
+    stale.parent.mkdir()
+    stale.write_bytes(b"\0" * 2**21)
+    os.utime(stale, (time.time() - 86_400,) * 2)
     proc = sersynth("train", f"--distilled={distilled}", f"--out={model}", "--epochs=20",
-                    f"--cache={finished_run[0] / 'cache'}", f"--compile_cache={tmp_path / 'xla'}")
+                    f"--cache={finished_run[0] / 'cache'}", f"--compile_cache={tmp_path / 'xla'}",
+                    "--compile_cache_max_mb=1")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert any(p.name.startswith("jit_") for p in (tmp_path / "xla").iterdir())    # programs stored there
+    assert not stale.exists()                                   # the cache was pruned to 1 MB first
     assert "trained convnet" in proc.stdout and "UAR on the cache: val" in proc.stdout
     m = artifact.load_model(model)
     assert m.classes == ["anger", "sadness", "happiness"] and m.meta["epochs"] == 20
