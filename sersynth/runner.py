@@ -114,8 +114,8 @@ flags.DEFINE_integer("process_id", 0, "multi-host: this process's index")
 flags.DEFINE_bool("tune", False, "before distilling, try the settings of --tune_grid (short distillations from the "
                   "same experts, scored on validation speakers) and distil with the best; resumable")
 flags.DEFINE_string("tune_grid", "lr_img=100,300,1000;lr_init=0,0.01",
-                    "--tune: name=v1,v2;name=v1,v2 over lr_img, lr_init, lr_lr, lr_min, syn_steps, expert_epochs, "
-                    "min_start_epoch, max_start_epoch, batch_syn, syn_init, syn_init_mix, syn_init_noise, syn_augment, learn_labels, label_init")
+                    "--tune: name=v1,v2;name=v1,v2 over "
+                    + ", ".join(flag for _, flag in tune_lib.TUNABLE.values()))
 flags.DEFINE_integer("tune_iterations", 0, "--tune: outer steps per trial (0: --iterations)")
 flags.DEFINE_integer("tune_trials", 0, "--tune: at most this many trials, a seeded sample of the grid (0: all)")
 flags.DEFINE_integer("eval_every", 0, "validate the synthetic set every N iterations and keep the best (0: keep the last)")

@@ -30,8 +30,8 @@ _BOOL = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no":
 TUNABLE: dict[str, tuple[Callable[[str], object], str]] = {
     "lr_img": (float, "lr_img"), "lr_init": (float, "lr_init"), "lr_lr": (float, "lr_lr"), "lr_min": (float, "lr_min"),
     "syn_steps": (int, "syn_steps"), "expert_epochs": (int, "expert_epochs"),
-    "max_start_epoch": (int, "max_start_epoch"),
-    "min_start_epoch": (int, "min_start_epoch"), "batch_syn": (int, "batch_syn"),
+    "min_start_epoch": (int, "min_start_epoch"), "max_start_epoch": (int, "max_start_epoch"),
+    "batch_syn": (int, "batch_syn"),
     "init": (str, "syn_init"), "init_mix": (int, "syn_init_mix"), "init_noise": (float, "syn_init_noise"),
     "augment": (lambda v: _BOOL[v.lower()], "syn_augment"), "learn_labels": (lambda v: _BOOL[v.lower()], "learn_labels"),
     "label_init": (str, "label_init"),
