@@ -71,8 +71,8 @@ def prune(path: str, max_bytes: int) -> tuple[int, int]:
 
 def use(setting: str, max_mb: int = 0) -> str | None:
     """Points XLA's persistent compilation cache at :func:`folder` (programs compiled in under 0.3 s
-    are not stored) and returns the folder; with ``max_mb`` > 0 first :func:`prune` s it to that
-    size. Deleting programs only costs compile time."""
+    are not stored) and returns the folder; with ``max_mb`` > 0 it first shrinks the folder to that
+    size with :func:`prune`. Deleting programs only costs compile time."""
     import jax
 
     path = folder(setting)
