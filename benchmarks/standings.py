@@ -20,26 +20,26 @@ from absl import app, flags
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-# (corpus, setting, report under benchmarks/results): the small.flags runs of each corpus espeak-ng
-# wrote in a real layout (sersynth.data.espeak_corpus) and the embedded quick-start, and the best
-# setting measured on each; benchmarks/RESULTS.md has every run.
+# (corpus, setting, report under benchmarks/results): on the embedded quick-start and on each corpus
+# espeak-ng wrote in a real layout (sersynth.data.espeak_corpus), small.flags and the best setting
+# measured (mostly small_herding.flags); benchmarks/RESULTS.md has every run.
 STANDINGS = [
     ("embedded (quick-start)", "quickstart.flags", "quickstart_cpu_2026-11-29.json"),
-    ("embedded (quick-start)", "start epochs 5-14", "quickstart_window5_15_cpu_2026-11-29.json"),
+    ("embedded (quick-start)", "quickstart.flags, start epochs 5-14", "quickstart_window5_15_cpu_2026-11-29.json"),
     ("espeak RAVDESS, 24 actors", "small.flags", "espeak_ravdess24_mix_cpu_2026-11-27.json"),
-    ("espeak RAVDESS, 24 actors", "herding start, image lr 100, 300 it., start epochs 5-14",
+    ("espeak RAVDESS, 24 actors", "small_herding.flags",
      "espeak_ravdess24_herd5_window5_15_cpu_2026-11-29.json"),
     ("espeak RAVDESS, 24 actors", "small.flags, ipc 10", "espeak_ravdess24_ipc10_cpu_2026-11-27.json"),
-    ("espeak RAVDESS, 24 actors", "herding start, image lr 100, 300 it., start epochs 5-14, ipc 10",
+    ("espeak RAVDESS, 24 actors", "small_herding.flags, ipc 10",
      "espeak_ravdess24_herd10_window5_15_cpu_2026-11-29.json"),
     ("espeak CREMA-D, 91 actors", "small.flags", "espeak_cremad91_ipc5_cpu_2026-11-28.json"),
-    ("espeak CREMA-D, 91 actors", "herding start, image lr 100, 300 it.",
+    ("espeak CREMA-D, 91 actors", "small_herding.flags, start epochs 0-9",
      "espeak_cremad91_herd5_lrimg100_cpu_2026-11-29.json"),
-    ("espeak CREMA-D, 91 actors", "300 it., ipc 10", "espeak_cremad91_ipc10_it300_cpu_2026-11-29.json"),
-    ("espeak CREMA-D, 91 actors", "herding start, image lr 100, 300 it., ipc 10",
-     "espeak_cremad91_herd10_lrimg100_cpu_2026-11-29.json"),
+    ("espeak CREMA-D, 91 actors", "small.flags, 300 iterations, ipc 10", "espeak_cremad91_ipc10_it300_cpu_2026-11-29.json"),
+    ("espeak CREMA-D, 91 actors", "small_herding.flags, ipc 10",
+     "espeak_cremad91_herd10_window5_15_cpu_2026-11-29.json"),
     ("espeak EmoDB, fold 1", "small.flags", "espeak_emodb_fold1_cpu_2026-11-29.json"),
-    ("espeak EmoDB, fold 1", "herding start, image lr 100, start epochs 5-14",
+    ("espeak EmoDB, fold 1", "small_herding.flags at 100 iterations",
      "espeak_emodb_fold1_herd_window5_15_cpu_2026-11-29.json"),
 ]
 
