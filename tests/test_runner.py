@@ -428,6 +428,49 @@ for path in sorted(glob.glob('experiments/flags/*.flags')):
     assert "experiments/flags/paper_demos.flags embedded cnn6 150" in lines
 
 
+def _flag_names(path: Path) -> set[str]:
+    """The flags a flag file sets, through the flag files it includes."""
+    names = set()
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line.startswith("--flagfile="):
+            names |= _flag_names(ROOT / line.split("=", 1)[1])
+        elif line.startswith("--"):
+            names.add(line[2:].split("=", 1)[0])
+    return names
+
+
+@pytest.mark.parametrize("name", ["small.flags", "small_herding.flags"])
+def test_the_cpu_recipes_set_nothing_about_the_corpus(name):
+    names = _flag_names(ROOT / "experiments" / "flags" / name)
+    assert "model" in names and "ipc" in names
+    about_the_corpus = {"corpus", "corpus_dir", "emotions", "protocol", "split", "fold", "val_speakers", "test_corpus",
+                        "label_map", "sample_rate", "clip_seconds", "workdir", "cache_dir", "experts_dir"}
+    assert not names & about_the_corpus
+
+
+def test_small_herding_flags_are_small_flags_with_the_best_measured_distillation():
+    code = """
+from absl import flags
+import sersynth.runner as run
+out = []
+for files in (['ravdess', 'small'], ['ravdess', 'small_herding']):
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(['run'] + ['--flagfile=experiments/flags/%s.flags' % f for f in files])
+    cfg = run.config_from_flags()
+    d = cfg.distill
+    out.append((cfg.corpus, cfg.model['name'], cfg.model['width'], d.ipc, d.init, d.lr_img, d.iterations,
+                d.min_start_epoch, d.max_start_epoch))
+print(out)
+"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    small, herding = eval(proc.stdout.strip().splitlines()[-1])
+    assert small == ("ravdess", "convnet", 16, 5, "mix", 300.0, 100, 0, 10)
+    assert herding == ("ravdess", "convnet", 16, 5, "herding", 100.0, 300, 5, 15)
+
+
 def test_eval_optimizer_choices():
     expert = pipeline.train.TrainConfig(optimizer="adam", lr=1e-3, momentum=0.0, lr_decay=0.7, lr_decay_every=5,
                                         epochs=50, batch_size=32, min_steps_per_epoch=20)
