@@ -25,7 +25,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # measured (mostly small_herding.flags); benchmarks/RESULTS.md has every run.
 STANDINGS = [
     ("embedded (quick-start)", "quickstart.flags", "quickstart_cpu_2026-11-29.json"),
-    ("embedded (quick-start)", "quickstart.flags, start epochs 5-14", "quickstart_window5_15_cpu_2026-11-29.json"),
+    ("embedded (quick-start)", "quickstart.flags with small_herding.flags' distillation",
+     "quickstart_small_herding_cpu_2026-11-29.json"),
     ("espeak RAVDESS, 24 actors", "small.flags", "espeak_ravdess24_mix_cpu_2026-11-27.json"),
     ("espeak RAVDESS, 24 actors", "small_herding.flags",
      "espeak_ravdess24_herd5_window5_15_cpu_2026-11-29.json"),
