@@ -18,6 +18,8 @@ from pathlib import Path
 
 from absl import app, flags
 
+from sersynth.report import verdict
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 # (corpus, setting, report under benchmarks/results): on the embedded quick-start and on each corpus
@@ -56,14 +58,6 @@ def _test_uar(result: dict) -> tuple[float, float]:
     xs = [100.0 * x for x in result["uar"]["test"]]
     mean = sum(xs) / len(xs)
     return mean, (sum((x - mean) ** 2 for x in xs) / len(xs)) ** 0.5
-
-
-def verdict(ours: tuple[float, float], theirs: tuple[float, float]) -> str:
-    """'beats +m', 'loses -m' when the difference of the means m is larger than both seed spreads, else
-    'ties +m'."""
-    margin = ours[0] - theirs[0]
-    word = "ties" if abs(margin) <= max(ours[1], theirs[1]) else ("beats" if margin > 0 else "loses")
-    return f"{word} {margin:+.1f}"
 
 
 def row(report: dict, corpus: str = "", setting: str = "") -> dict:

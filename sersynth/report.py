@@ -381,6 +381,30 @@ _SETTINGS = {"full_data": "full training split (the experts)",
              "dm_random_init": "distribution matching (DM), same size"}
 
 
+def verdict(ours: tuple[float, float], theirs: tuple[float, float]) -> str:
+    """``(mean, std)`` of one training setting's test UAR against another's, in points: 'beats +m' or
+    'loses -m' when the difference of the means m is larger than both seed spreads, else 'ties +m'."""
+    margin = ours[0] - theirs[0]
+    word = "ties" if abs(margin) <= max(ours[1], theirs[1]) else ("beats" if margin > 0 else "loses")
+    return f"{word} {margin:+.1f}"
+
+
+def random_init_verdicts(results: dict) -> str | None:
+    """The distilled set trained from random initialisations against each coreset of its size, a lead
+    counted only beyond both seed spreads (None when the report lacks them)."""
+    def fig(name):
+        r = results[name]
+        return 100 * r["test_uar_mean"], 100 * r["test_uar_std"]
+    pairs = [(w, k) for w, k in (("the random subset", "random_subset_fixed_init"),
+                                 ("herding", "herding_subset_fixed_init"),
+                                 ("k-center", "kcenter_subset_fixed_init"),
+                                 ("DM", "dm_fixed_init")) if k in results]
+    if "distilled_random_init" not in results or not pairs:
+        return None
+    ours = fig("distilled_random_init")
+    return "; ".join(f"{verdict(ours, fig(k))} against {w}" for w, k in pairs)
+
+
 def markdown(report: dict, config: dict) -> str:
     """``report.md``: what was run and what it gave, in a form to read, share and cite."""
     import datetime
@@ -417,7 +441,11 @@ def markdown(report: dict, config: dict) -> str:
               f"minus herding: {s['distilled_minus_herding_test_uar'] * 100:+.1f}"
               + "".join(f"; minus {w}: {s[k] * 100:+.1f}" for k, w in (("distilled_minus_kcenter_test_uar", "k-center"),
                                                                       ("distilled_minus_dm_test_uar", "DM")) if k in s)
-              + "."]
+              + " (distilled from the fixed initialisations)."]
+    verdicts = random_init_verdicts(report["results"])
+    if verdicts:
+        lines.append(f"- Distilled from random initialisations, test UAR (a lead counts only when it is larger than "
+                     f"both seed spreads): {verdicts}.")
     if "dcr_median_synthetic" in s:
         lines += ["- Privacy: " + privacy_text(s) + " A large distance is not proof that nothing leaks: these "
                   "figures find copies, edited copies, mixtures and recoverable sources."]

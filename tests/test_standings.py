@@ -19,7 +19,7 @@ from tests.test_runner import ROOT
     ((45.0, 0.0), (45.0, 0.0), "ties +0.0"),
 ])
 def test_a_lead_counts_only_beyond_both_seed_spreads(ours, theirs, expected):
-    assert standings.verdict(ours, theirs) == expected
+    assert standings.verdict(ours, theirs) == expected      # sersynth.report's, as report.md says it
 
 
 def test_a_finished_runs_report_is_a_standings_row(finished_run, tmp_path):
