@@ -18,7 +18,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from sersynth.report import verdict
+from sersynth.report import test_uar, verdict
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -53,20 +53,13 @@ SETS = ("full_data_reference", "distilled_fixed_init", "distilled_random_init", 
         "herding_subset_fixed_init")
 
 
-def _test_uar(result: dict) -> tuple[float, float]:
-    """(mean, population std) of a training setting's test UAR over its seeds, in %."""
-    xs = [100.0 * x for x in result["uar"]["test"]]
-    mean = sum(xs) / len(xs)
-    return mean, (sum((x - mean) ** 2 for x in xs) / len(xs)) ** 0.5
-
-
 def row(report: dict, corpus: str = "", setting: str = "") -> dict:
     """One standings row from a run's report.json."""
     res = report["results"]
     missing = [k for k in SETS if k not in res]
     if missing:
         raise ValueError(f"the report has no {', '.join(missing)} (a run evaluated without them?)")
-    fig = {k: _test_uar(res[k]) for k in SETS}
+    fig = {k: test_uar(res[k]) for k in SETS}
     summary = report["summary"]
     out = {"corpus": corpus or report["corpus"], "setting": setting,
            "ipc": summary["ipc"], "share_pct": 100.0 * summary["fraction_of_train"]}

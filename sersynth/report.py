@@ -381,6 +381,11 @@ _SETTINGS = {"full_data": "full training split (the experts)",
              "dm_random_init": "distribution matching (DM), same size"}
 
 
+def test_uar(result: dict) -> tuple[float, float]:
+    """(mean, std over seeds) of a training setting's test UAR in ``report.json["results"]``, in points."""
+    return 100 * result["test_uar_mean"], 100 * result["test_uar_std"]
+
+
 def verdict(ours: tuple[float, float], theirs: tuple[float, float]) -> str:
     """``(mean, std)`` of one training setting's test UAR against another's, in points: 'beats +m' or
     'loses -m' when the difference of the means m is larger than both seed spreads, else 'ties +m'."""
@@ -392,17 +397,14 @@ def verdict(ours: tuple[float, float], theirs: tuple[float, float]) -> str:
 def random_init_verdicts(results: dict) -> str | None:
     """The distilled set trained from random initialisations against each coreset of its size, a lead
     counted only beyond both seed spreads (None when the report lacks them)."""
-    def fig(name):
-        r = results[name]
-        return 100 * r["test_uar_mean"], 100 * r["test_uar_std"]
     pairs = [(w, k) for w, k in (("the random subset", "random_subset_fixed_init"),
                                  ("herding", "herding_subset_fixed_init"),
                                  ("k-center", "kcenter_subset_fixed_init"),
                                  ("DM", "dm_fixed_init")) if k in results]
     if "distilled_random_init" not in results or not pairs:
         return None
-    ours = fig("distilled_random_init")
-    return "; ".join(f"{verdict(ours, fig(k))} against {w}" for w, k in pairs)
+    ours = test_uar(results["distilled_random_init"])
+    return "; ".join(f"{verdict(ours, test_uar(results[k]))} against {w}" for w, k in pairs)
 
 
 def markdown(report: dict, config: dict) -> str:

@@ -98,9 +98,7 @@ def test_end_to_end_run_writes_every_artifact(finished_run):
     assert "| distilled, fixed init | 6 |" in md and "Membership-inference AUC" in md and "arXiv 2406.15119" in md
     assert "| k-center coreset (expert features) | 6 |" in md and "minus DM:" in md
     rs = report["results"]                                     # the random-init verdicts, beyond the seed spreads
-    ours = (100 * rs["distilled_random_init"]["test_uar_mean"], 100 * rs["distilled_random_init"]["test_uar_std"])
-    herding = (100 * rs["herding_subset_fixed_init"]["test_uar_mean"],
-               100 * rs["herding_subset_fixed_init"]["test_uar_std"])
+    ours, herding = report_lib.test_uar(rs["distilled_random_init"]), report_lib.test_uar(rs["herding_subset_fixed_init"])
     assert f"{report_lib.verdict(ours, herding)} against herding;" in md and " against DM." in md
     assert "no-leak reference" in md and "after undoing gain, shifts and stretches" in md
     si = report["privacy"]["speaker_identity"]                   # real init: each sample's source speaker
