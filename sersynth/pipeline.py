@@ -261,10 +261,11 @@ def _record_stage_seconds(cfg: RunConfig, stage: str, seconds: float) -> None:
 
 
 def _stage_seconds(cfg: RunConfig, ex: experts_lib.Experts, distilled: dict, evaluate: float) -> dict:
-    """Seconds per stage: prepare as last run; experts and distillation as recorded with their
-    artifacts (summed over resumed parts); this evaluation's."""
-    out = {"prepare": _recorded_stage_seconds(cfg).get("prepare"),
-           "experts": ex.meta.get("train_seconds_total"), "distill": distilled["meta"].get("seconds"),
+    """Seconds per stage: prepare as last run; experts, the ``--tune`` search (only with one) and
+    distillation as recorded with their artifacts (summed over resumed parts); this evaluation's."""
+    tune = distilled["meta"].get("tune_seconds")
+    out = {"prepare": _recorded_stage_seconds(cfg).get("prepare"), "experts": ex.meta.get("train_seconds_total"),
+           **({"tune": tune} if tune is not None else {}), "distill": distilled["meta"].get("seconds"),
            "evaluate": round(evaluate, 3)}
     out["total"] = round(sum(v for v in out.values() if v is not None), 3)
     return out
@@ -508,6 +509,7 @@ def stage_distill(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Expe
             "selected_under": selection_settings(cfg)}
     if tuned is not None:
         meta["tune"] = tuned
+        meta["tune_seconds"] = tune_seconds(tuned, continued=cfg.tune.iterations <= cfg.distill.iterations)
     atomic_write_json(dist_dir / "meta.json", meta)
     logging.info("distilled %d samples in %.1f s; selected iteration %d (val UAR %s)", out["x"].shape[0], seconds,
                  selected, f"{max(e['score'] for e in evaluations):.3f}" if evaluations else "n/a")
@@ -527,6 +529,13 @@ def continue_trial(trial_dir: Path, dist_dir: Path) -> None:
         if (trial_dir / name).is_file():
             atomic_copy(trial_dir / name, dist_dir / name)
     logging.info("tune: the distillation continues trial %s", trial_dir.name)
+
+
+def tune_seconds(tuned: dict, continued: bool) -> float:
+    """What the ``--tune`` search cost beyond the final distillation: every trial's seconds, but the
+    chosen one's when the distillation continued it (its seconds are the distillation's own)."""
+    return round(sum(t["seconds"] for i, t in enumerate(tuned["trials"])
+                     if not (continued and i == tuned["chosen_trial"])), 3)
 
 
 def tune_search(cfg: RunConfig, n_expert_epochs: int, distill_with, folder: Path) -> dict:

@@ -76,6 +76,11 @@ def test_runner_tunes_on_validation_and_distils_with_the_choice(tmp_path):
     assert len(list((workdir / "distill" / "tune").glob("trial_*.json"))) == 3
     assert "tune: 3 trials on validation chose" in proc.stdout
     assert "chosen on validation (`--tune`, 3 trials" in (workdir / "report.md").read_text()
+    # the search's cost is in the run's: every trial but the one the distillation continued (counted in it)
+    others = sum(r["seconds"] for i, r in enumerate(t["trials"]) if i != t["chosen_trial"])
+    assert report["stage_seconds"]["tune"] == pytest.approx(others, abs=2e-3) and others > 0
+    assert report["stage_seconds"]["total"] == pytest.approx(sum(
+        v for k, v in report["stage_seconds"].items() if k != "total" and v is not None), abs=2e-3)
     # the finished search is reused when the later stages are run again
     before = {p.name: p.stat().st_mtime_ns for p in (workdir / "distill" / "tune").glob("trial_*.json")}
     run_cli(*args, "--stage=distill,evaluate")
@@ -88,6 +93,7 @@ def test_runner_tunes_on_validation_and_distils_with_the_choice(tmp_path):
     meta = json.loads((longer / "distill" / "meta.json").read_text())
     assert [e["step"] for e in meta["evaluations"]] == [0, 10, 20]
     assert meta["distill"]["lr_init"] > 0 and meta["tune"]["trials"][0]["evaluations"]
+    assert meta["tune_seconds"] == pytest.approx(meta["tune"]["trials"][0]["seconds"], abs=2e-3)   # not continued
     assert f"starting the learned lr at {meta['distill']['lr_init']:.4g}, measured from the experts" in proc.stderr
     bad = run_cli(*args, "--tune_grid=expert_epochs=9", "--workdir=" + str(tmp_path / "bad"), check=False)
     assert bad.returncode == 2 and "--tune_grid trial {'expert_epochs': 9}" in bad.stderr
