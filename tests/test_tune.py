@@ -97,3 +97,16 @@ def test_runner_tunes_on_validation_and_distils_with_the_choice(tmp_path):
     assert f"starting the learned lr at {meta['distill']['lr_init']:.4g}, measured from the experts" in proc.stderr
     bad = run_cli(*args, "--tune_grid=expert_epochs=9", "--workdir=" + str(tmp_path / "bad"), check=False)
     assert bad.returncode == 2 and "--tune_grid trial {'expert_epochs': 9}" in bad.stderr
+
+
+def test_every_grid_the_readme_shows_parses():
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    grids = re.findall(r'--tune_grid="([^"]+)"', readme)
+    assert len(grids) >= 2
+    for text in grids:
+        cfg = tune.TuneConfig(grid=tune.parse_grid(text))
+        cfg.validate()
+        assert len(cfg.trials(0)) >= 2, text
