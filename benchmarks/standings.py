@@ -43,6 +43,7 @@ STANDINGS = [
     ("espeak CREMA-D, 91 actors", "small.flags, 300 iterations, ipc 10", "espeak_cremad91_ipc10_it300_cpu_2026-11-29.json"),
     ("espeak CREMA-D, 91 actors", "small_herding.flags, ipc 10",
      "espeak_cremad91_herd10_window5_15_cpu_2026-11-29.json"),
+    ("espeak EmoDB, fold 0", "small_herding.flags", "espeak_emodb_fold0_herd_window5_15_cpu_2026-11-29.json"),
     ("espeak EmoDB, fold 1", "small.flags", "espeak_emodb_fold1_cpu_2026-11-29.json"),
     ("espeak EmoDB, fold 1", "small_herding.flags at 100 iterations",
      "espeak_emodb_fold1_herd_window5_15_cpu_2026-11-29.json"),
