@@ -477,12 +477,13 @@ def stage_distill(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Expe
             provenance=distill_lib.run_fingerprint(dcfg, fm.spec.to_json(), fs.hash, ex.meta["fingerprint"], cfg.seed))
 
     tuned, values = None, {}
+    continues_trial = cfg.tune.iterations <= cfg.distill.iterations     # not a longer trial (0: the run's own)
     if cfg.tune.grid:
         tuned = tune_search(cfg, ex.n_epochs, distill_with, dist_dir / "tune")
         values = tuned["chosen"]
         logging.info("tune: chose %s (validation UAR %.3f of %d trials)", values, tuned["chosen_val_uar"],
                      len(tuned["trials"]))
-        if cfg.tune.iterations <= cfg.distill.iterations:       # not a longer trial (0: the run's own)
+        if continues_trial:
             continue_trial(dist_dir / "tune" / f"trial_{tuned['chosen_trial']:03d}", dist_dir)
     dcfg = measured(distill_config(cfg, values))
     if dcfg.lr_init != cfg.distill.lr_init:
@@ -509,7 +510,7 @@ def stage_distill(cfg: RunConfig, fs: cache_lib.FeatureSet, ex: experts_lib.Expe
             "selected_under": selection_settings(cfg)}
     if tuned is not None:
         meta["tune"] = tuned
-        meta["tune_seconds"] = tune_seconds(tuned, continued=cfg.tune.iterations <= cfg.distill.iterations)
+        meta["tune_seconds"] = tune_seconds(tuned, continued=continues_trial)
     atomic_write_json(dist_dir / "meta.json", meta)
     logging.info("distilled %d samples in %.1f s; selected iteration %d (val UAR %s)", out["x"].shape[0], seconds,
                  selected, f"{max(e['score'] for e in evaluations):.3f}" if evaluations else "n/a")

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from sersynth import tune
-from tests.test_runner import TINY_FLAGS, run_cli
+from tests.test_runner import ROOT, TINY_FLAGS, run_cli
 
 
 def test_grid_parsing_and_trials():
@@ -101,9 +101,8 @@ def test_runner_tunes_on_validation_and_distils_with_the_choice(tmp_path):
 
 def test_every_grid_the_readme_shows_parses():
     import re
-    from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
     grids = re.findall(r'--tune_grid="([^"]+)"', readme)
     assert len(grids) >= 2
     for text in grids:
