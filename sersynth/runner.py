@@ -47,8 +47,9 @@ flags.DEFINE_integer("depth", 3, "convnet: conv layers")
 flags.DEFINE_float("width_mult", 1.0, "cnn6/vgg15/resnet9: channel multiplier (tiny models: 0.125)")
 flags.DEFINE_integer("kernel_size", 3, "size of the 3x3 convolutions (paper text: 3; its stated CNN-6 size: ~5)")
 flags.DEFINE_enum("norm", "instance", ["instance", "layer", "none"], "normalisation layers")
-flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16", "float16"],
-                  "activation dtype (parameters and losses stay float32)")
+flags.DEFINE_enum("compute_dtype", "auto", list(models.COMPUTE_DTYPES),
+                  "activation dtype (parameters and losses stay float32); auto: bfloat16 on GPU/TPU, float32 on CPU "
+                  "(as measured; the run records the dtype it used)")
 # --- experts -----------------------------------------------------------------------------------
 flags.DEFINE_integer("n_experts", 5, "expert trajectories to record (paper: 5)")
 flags.DEFINE_enum("expert_optimizer", "sgd", ["sgd", "adam"], "expert optimiser (paper: adam; MTT: sgd)")
@@ -208,7 +209,7 @@ def config_from_flags() -> pipeline.RunConfig:
                  "features": {"sample_rate": F.sample_rate, "n_fft": F.n_fft, "hop_length": F.hop_length,
                               "n_mels": F.n_mels, "fmin": F.fmin, "fmax": F.fmax, "clip_seconds": F.clip_seconds}},
         model={"name": F.model, "width": F.width, "depth": F.depth, "width_mult": F.width_mult, "norm": F.norm,
-               "compute_dtype": F.compute_dtype, "kernel": F.kernel_size},
+               "compute_dtype": models.resolve_compute_dtype(F.compute_dtype), "kernel": F.kernel_size},
         expert_train=train.TrainConfig(
             optimizer=F.expert_optimizer, lr=F.expert_lr, momentum=F.expert_momentum,
             weight_decay=F.expert_weight_decay, lr_decay=F.expert_lr_decay, lr_decay_every=F.expert_lr_decay_every,

@@ -116,3 +116,12 @@ def test_max_pool_blocks_match_reduce_window_without_scatter(max_pool_restored, 
         assert models.max_pool_impl() == impl
     with pytest.raises(ValueError, match="max pool must be one of"):
         models.set_max_pool("avg")
+
+
+def test_compute_dtype_auto_is_bfloat16_on_accelerators_only():
+    for backend, dtype in (("cpu", "float32"), ("gpu", "bfloat16"), ("tpu", "bfloat16")):
+        assert models.resolve_compute_dtype("auto", backend) == dtype
+        assert models.resolve_compute_dtype("float32", backend) == "float32"   # a given dtype is kept
+    assert models.resolve_compute_dtype("auto") == "float32"                  # this machine: CPU
+    with pytest.raises(ValueError, match="compute dtype must be one of"):
+        models.resolve_compute_dtype("fp8")

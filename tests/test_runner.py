@@ -432,6 +432,26 @@ for path in sorted(glob.glob('experiments/flags/*.flags')):
     assert "experiments/flags/paper_demos.flags embedded cnn6 150" in lines
 
 
+def test_the_runs_compute_dtype_follows_the_backend_unless_given():
+    """paper_demos.flags leaves --compute_dtype at auto: float32 on CPU, bfloat16 on a GPU; a given dtype stays."""
+    code = """
+import jax
+from absl import flags
+import sersynth.runner as run
+out = []
+for backend, extra in (('cpu', []), ('gpu', []), ('gpu', ['--compute_dtype=float32'])):
+    jax.default_backend = lambda b=backend: b
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(['run', '--flagfile=experiments/flags/paper_demos.flags'] + extra)
+    out.append(run.config_from_flags().model['compute_dtype'])
+print(out)
+"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert eval(proc.stdout.strip().splitlines()[-1]) == ["float32", "bfloat16", "float32"]
+
+
 def _flag_names(path: Path) -> set[str]:
     """The flags a flag file sets, through the flag files it includes."""
     names = set()
