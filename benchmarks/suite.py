@@ -18,7 +18,9 @@ so a suite stopped from outside keeps the rows it finished; each row's output is
      bfloat16 row profiled: busy %, largest kernel category), and with the other max-pool implementation;
   3. training several models, loop vs vmap, at the paper's and the quick-start's sizes;
   4. the PyTorch reference ratio at the paper's input size (ConvNet width 128, 20 inner steps);
-  5. temporary memory and time vs syn_steps (nested remat).
+  5. temporary memory and time vs syn_steps (nested remat);
+  6. the paper's other two models (ResNet-9, VGG-15): outer step and training rate, float32 (what
+     ``table_paper.flags`` costs).
 On one H100 rows 0-1 take about 8 minutes (the default ``--budget_s``) and rows 2-5 about 8 more:
 where one call may run 10 minutes, run ``--rows=prepare,pipeline,pipeline_bf16`` and the rest apart.
 """
@@ -87,6 +89,13 @@ def programme(scale: str, cache_dir: str, workdir: Path, prepare: bool = False,
                 ("memory_vs_syn_steps", ["benchmarks.memory_vs_syn_steps", *PAPER_IN, "--width=128", "--depth=3",
                                          "--ipc=1", "--syn_steps=20,80", "--remat=nested", "--unroll=1",
                                          "--repeats=2"], 75)]
+        for model, limit in (("resnet9", 75), ("vgg15", 110)):
+            rows += [(f"distill_step_{model}", ["benchmarks.distill_step", f"--model={model}", "--width_mult=1",
+                                                *PAPER_IN, "--ipc=150", "--batch_syn=256", "--syn_steps=20",
+                                                "--unroll=1", "--remat=step", "--repeats=2"], limit),
+                     (f"experts_{model}", ["benchmarks.experts", f"--model={model}", "--width_mult=1", *PAPER_IN,
+                                           "--n=1024", "--n_models=2", "--batch_size=32", "--epochs=1",
+                                           "--variants=loop/scan"], limit // 2 + 20)]
         # the paper's model and settings at a shorter schedule, the starting lr measured (--lr_init=0)
         run_flags = [f"--embedded_utterances={utterances}", "--ipc=50", "--expert_train_epochs=12",
                      "--max_start_epoch=8", "--iterations=20", "--eval_every=10", "--eval_epochs=30", "--eval_seeds=3",
