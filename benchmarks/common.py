@@ -1,6 +1,7 @@
 """Shared helpers for benchmarks: environment header, timing, JSON output."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import statistics
@@ -90,3 +91,17 @@ def spec_from_flags(F):
     set_max_pool(F.max_pool)
     return ModelSpec(name=F.model, n_classes=F.classes, input_shape=(F.frames, F.n_mels), width=F.width,
                      depth=F.depth, width_mult=F.width_mult, compute_dtype=F.compute_dtype)
+
+
+def useful_flops(fm, cfg, n_classes: int, state, traj) -> float:
+    """FLOPs of the outer step's own work: XLA's cost analysis of the same step fully unrolled and
+    without rematerialisation, taken from the lowered program (nothing is compiled). The compiled
+    program's own analysis counts a rolled loop's body once, and rematerialisation's recomputation
+    is not useful work."""
+    from sersynth import distill
+
+    plain = dataclasses.replace(cfg, remat="none", unroll=cfg.syn_steps)
+    lowered = jax.jit(distill.make_outer_step(fm, plain, n_classes)).lower(state, traj, jax.random.key(1))
+    cost = lowered.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float((cost or {}).get("flops", 0.0))

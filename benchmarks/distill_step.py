@@ -7,7 +7,6 @@ Synthetic inputs and random trajectories: the step's cost does not depend on the
 """
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import jax
@@ -17,7 +16,7 @@ from absl import app, flags
 
 from benchmarks import trace_summary
 from benchmarks.common import (define_model_flags, device_peak_bytes, print_header, spec_from_flags, table, time_call,
-                               write_json)
+                               useful_flops, write_json)
 from sersynth import distill
 from sersynth.models import flat_model
 
@@ -34,18 +33,6 @@ flags.DEFINE_string("trace_dir", "", "also profile one step of each row into TRA
                     "perfetto trace) and print where its device time goes (benchmarks.trace_summary)")
 F = flags.FLAGS
 TRACES: list[dict] = []   # --trace_dir: each row's trace summary, for the JSON
-
-
-def useful_flops(fm, cfg: distill.DistillConfig, n_classes: int, state, traj) -> float:
-    """FLOPs of the outer step's own work: XLA's cost analysis of the same step fully unrolled and
-    without rematerialisation, taken from the lowered program (nothing is compiled). The compiled
-    program's own analysis counts a rolled loop's body once, and rematerialisation's recomputation
-    is not useful work."""
-    plain = dataclasses.replace(cfg, remat="none", unroll=cfg.syn_steps)
-    lowered = jax.jit(distill.make_outer_step(fm, plain, n_classes)).lower(state, traj, jax.random.key(1))
-    cost = lowered.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    return float((cost or {}).get("flops", 0.0))
 
 
 def measure(fm, cfg: distill.DistillConfig, n_classes: int, repeats: int) -> dict:

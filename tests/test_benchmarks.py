@@ -1,8 +1,8 @@
-"""benchmarks.distill_step's useful FLOPs: the outer step's own work, however it is compiled."""
+"""The benchmarks' useful FLOPs (benchmarks.distill_step): the outer step's own work, however it is compiled."""
 import jax
 import numpy as np
 
-from benchmarks.distill_step import useful_flops
+from benchmarks.common import useful_flops
 from sersynth import distill
 from sersynth.models import ModelSpec, flat_model
 
