@@ -96,7 +96,8 @@ def max_pool_impl() -> str:
     return "window" if jax.default_backend() == "cpu" else "blocks"
 
 
-COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16")     # what a model computes in
+COMPUTE_DTYPES = ("auto", *DTYPES)              # what --compute_dtype accepts
 
 
 def resolve_compute_dtype(name: str, backend: str | None = None) -> str:
@@ -245,7 +246,7 @@ class ModelSpec:
             raise ValueError(f"unknown model {self.name!r}; known: {', '.join(MODELS)}")
         if self.norm not in NORMS:
             raise ValueError(f"unknown norm {self.norm!r}; known: {', '.join(NORMS)}")
-        if self.compute_dtype not in ("float32", "bfloat16", "float16"):
+        if self.compute_dtype not in DTYPES:
             raise ValueError(f"compute_dtype must be float32, bfloat16 or float16, got {self.compute_dtype!r}")
         if self.n_classes < 2 or self.width < 1 or self.depth < 1 or self.width_mult <= 0:
             raise ValueError("need n_classes >= 2, width >= 1, depth >= 1 and width_mult > 0")
