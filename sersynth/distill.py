@@ -44,7 +44,7 @@ import numpy as np
 import optax
 
 from sersynth import dist
-from sersynth.evaluate import herding
+from sersynth.evaluate import herding, kmeans_nearest
 from sersynth.io import atomic_save_npz, fingerprint, load_npz, without_added_later
 from sersynth.models import FlatModel
 from sersynth.train import augment, soft_cross_entropy
@@ -53,7 +53,8 @@ REMAT = ("none", "step", "nested")
 REMAT_CHOICES = (*REMAT, "auto")
 LR_PARAMS = ("raw", "log")
 LABEL_INITS = ("onehot", "expert")
-SOURCE_INITS = ("real", "herding", "mix")     # starts made from training clips (see init_sources)
+SOURCE_INITS = ("real", "herding", "mix", "kmeans")     # starts made from training clips (see init_sources)
+MIXED_INITS = ("mix", "kmeans")               # starts that average init_mix clips
 INITS = (*SOURCE_INITS, "noise")
 
 
@@ -81,9 +82,9 @@ class DistillConfig:
     lr_labels: float = 2.0          # SGD step on the label logits
     label_init: str = "onehot"      # learned labels start as 5 x one-hot | the experts' logits (DATM)
     init: str = "real"              # real (random real samples of the class) | herding (its herding coreset) |
-                                    # mix (means of init_mix) | noise
-    init_mix: int = 8               # mix: real samples of the class averaged into each synthetic sample
-    init_noise: float = 0.0         # real, herding, mix: Gaussian noise added to the start (std: each sample's spread)
+                                    # mix (means of init_mix) | kmeans (means of init_mix around k-means centres) | noise
+    init_mix: int = 8               # mix, kmeans: real samples of the class averaged into each synthetic sample
+    init_noise: float = 0.0         # real, herding, mix, kmeans: Gaussian noise added to the start (std: each sample's spread)
     augment: bool = False           # differentiable SpecAugment inside the inner loop
     remat: str = "nested"           # none | step | nested | auto (resolved by distill())
     segment: int = 0                # steps per checkpointed segment (nested); 0 = divisor nearest sqrt
@@ -183,11 +184,12 @@ def init_sources(cfg: DistillConfig, x_train: np.ndarray, y_train: np.ndarray, n
                  key: jax.Array) -> np.ndarray | None:
     """``[n_syn, k]`` indices of the training clips each synthetic sample starts from (``real``: k = 1,
     random clips; ``herding``: k = 1, the herding coreset of each class, the clips the herding baseline
-    trains on; ``mix``: k = ``init_mix``); None for ``noise``. The privacy audit asks whether they can
+    trains on; ``mix``: k = ``init_mix`` random clips; ``kmeans``: k = ``init_mix``, the clips nearest
+    the centres of ``ipc`` k-means clusters of the class); None for ``noise``. The privacy audit asks whether they can
     be told."""
     if cfg.init not in SOURCE_INITS:
         return None
-    k = cfg.init_mix if cfg.init == "mix" else 1
+    k = cfg.init_mix if cfg.init in MIXED_INITS else 1
     chosen = []
     for c in range(n_classes):
         pool = np.flatnonzero(np.asarray(y_train) == c)
@@ -197,6 +199,9 @@ def init_sources(cfg: DistillConfig, x_train: np.ndarray, y_train: np.ndarray, n
         if cfg.init == "herding":       # a class with fewer clips than ipc repeats them
             picked = pool[herding(np.asarray(x_train)[pool], cfg.ipc)]
             chosen.append(np.resize(picked, cfg.ipc)[:, None])
+        elif cfg.init == "kmeans":
+            seed = int(jax.random.randint(kc, (), 0, 2**31 - 1))
+            chosen.append(pool[kmeans_nearest(np.asarray(x_train)[pool], cfg.ipc, k, seed)])
         elif k == 1:
             chosen.append(np.asarray(jax.random.choice(kc, pool, (cfg.ipc,), replace=pool.size < cfg.ipc))[:, None])
         else:
@@ -226,11 +231,13 @@ def init_state(cfg: DistillConfig, x_train: np.ndarray, y_train: np.ndarray, n_c
     """Synthetic set of ``ipc`` per class: random real training samples of that class (``real``);
     the class's herding coreset (``herding``: distillation starts where the herding baseline stands);
     the mean of ``init_mix`` of them, rescaled to their average spread (``mix``: no sample starts
-    as anyone's recording, see sersynth.privacy); or noise. With ``init_noise``, a start from clips
+    as anyone's recording, see sersynth.privacy); the same mean of the ``init_mix`` clips nearest the
+    centre of each of the class's ``ipc`` k-means clusters (``kmeans``: spread over the class like
+    herding, yet no one's recording); or noise. With ``init_noise``, a start from clips
     gets Gaussian noise of ``init_noise`` times its own spread added (its sources harder to recover)."""
     labels = np.repeat(np.arange(n_classes, dtype=np.int32), cfg.ipc)
     if cfg.init in SOURCE_INITS:
-        k = cfg.init_mix if cfg.init == "mix" else 1
+        k = cfg.init_mix if cfg.init in MIXED_INITS else 1
         idx = init_sources(cfg, x_train, y_train, n_classes, key)
         idx = idx[:, 0] if k == 1 else idx                               # [n_syn] or [n_syn, k]
         x = np.asarray(x_train)[idx]

@@ -187,6 +187,32 @@ def herding(features: np.ndarray, k: int) -> np.ndarray:
     return np.asarray(picked)
 
 
+def kmeans_nearest(features: np.ndarray, k: int, m: int, seed: int = 0, iterations: int = 25) -> np.ndarray:
+    """``[k, m]`` indices: for each of ``k`` k-means clusters of ``features [n, d]`` (k-means++ seeds,
+    then Lloyd's iterations), the ``m`` rows nearest its centre, nearest first. The clusters spread
+    the ``k`` rows over the data as herding and k-center do, and averaging a cluster's ``m`` nearest
+    rows gives a representative sample that is no single row (``--syn_init=kmeans``). With fewer
+    than ``k`` distinct rows, clusters share centres; with fewer than ``m`` rows, a row list repeats."""
+    x = features.reshape(features.shape[0], -1).astype(np.float64)
+    n = x.shape[0]
+    rng = np.random.default_rng(seed)
+    sq = lambda a, c: np.sum(a * a, 1)[:, None] - 2.0 * a @ c.T + np.sum(c * c, 1)[None]   # [n, k] sq. distances
+    centres = [x[rng.integers(n)]]
+    for _ in range(k - 1):                        # k-means++: the next seed drawn in proportion to d^2
+        d2 = np.maximum(sq(x, np.asarray(centres)).min(axis=1), 0.0)
+        total = d2.sum()
+        centres.append(x[rng.choice(n, p=d2 / total)] if total > 0 else x[rng.integers(n)])
+    c = np.asarray(centres)
+    for _ in range(iterations):
+        assign = np.argmin(sq(x, c), axis=1)
+        new = np.stack([x[assign == j].mean(axis=0) if np.any(assign == j) else c[j] for j in range(k)])
+        if np.allclose(new, c):
+            break
+        c = new
+    order = np.argsort(sq(x, c), axis=0, kind="stable").T        # [k, n]: rows by distance to each centre
+    return np.stack([np.resize(r, m) for r in order])
+
+
 def herding_subset(x: np.ndarray, y: np.ndarray, per_class: int, n_classes: int) -> np.ndarray:
     """Indices of ``per_class`` herded samples of each class (in feature space)."""
     return np.concatenate([np.flatnonzero(y == c)[herding(x[y == c], per_class)] for c in range(n_classes)])

@@ -93,8 +93,10 @@ flags.DEFINE_string("label_init", "onehot", "with --learn_labels, where the soft
                     "misclassify it)")
 flags.DEFINE_enum("syn_init", "real", list(distill.INITS),
                   "synthetic set initialisation: random real clips (MTT), the herding coreset's clips, means of "
-                  "--syn_init_mix real clips, or noise")
-flags.DEFINE_integer("syn_init_mix", 8, "--syn_init=mix: real clips of the class averaged per synthetic sample")
+                  "--syn_init_mix random real clips (mix) or of those nearest the centres of k-means clusters of "
+                  "the class (kmeans), or noise")
+flags.DEFINE_integer("syn_init_mix", 8, "--syn_init=mix or kmeans: real clips of the class averaged per synthetic "
+                     "sample")
 flags.DEFINE_float("syn_init_noise", 0.0, "--syn_init=real, herding or mix: Gaussian noise added to each starting "
                    "sample, std in units of the sample's own spread (its source clips become harder to recover)")
 flags.DEFINE_bool("syn_augment", True, "differentiable SpecAugment in the inner loop (and in evaluation)")

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sersynth import distill, train
+from sersynth import distill, privacy, train
 from sersynth.models import ModelSpec, flat_model
 from tests.test_train import _toy
 
@@ -418,3 +418,31 @@ def test_herding_init_starts_from_the_herding_baselines_clips(setup):
     few = np.concatenate([np.flatnonzero(y == 0)[:2], np.flatnonzero(y != 0)])
     short = distill.init_sources(dataclasses.replace(cfg, ipc=3), x[few], y[few], 3, distill.init_key(0))
     assert short.shape == (9, 1) and (y[few][short[:3, 0]] == 0).all() and len(set(short[:3, 0])) == 2
+
+
+def test_kmeans_init_starts_spread_over_the_class_from_no_single_recording():
+    """--syn_init=kmeans: each sample is the rescaled mean of the init_mix clips nearest one of its
+    class's k-means centres (the sources the audit is given), so a class's samples lie in different
+    parts of it, unlike --syn_init=mix's means of random clips, which blend the class's modes."""
+    rng = np.random.default_rng(5)
+    y = np.repeat(np.arange(2), 60).astype(np.int32)
+    modes = rng.normal(scale=4.0, size=(2, 3, 6, 5))                 # three modes per class
+    x = (modes[y, np.arange(120) % 3] + rng.normal(size=(120, 6, 5))).astype(np.float32)
+    cfg = distill.DistillConfig(ipc=3, init="kmeans", init_mix=4)
+    src = distill.init_sources(cfg, x, y, 2, distill.init_key(0))
+    assert src.shape == (6, 4) and (y[src] == np.repeat([0, 1], 3)[:, None]).all()
+    for c in range(2):                                               # one start per mode, each from one mode only
+        mode = src[3 * c:3 * c + 3] % 3
+        assert (mode == mode[:, :1]).all() and sorted(mode[:, 0].tolist()) == [0, 1, 2]
+    start = np.asarray(distill.init_state(cfg, x, y, 2, distill.init_key(0)).params["x"])
+    mean = x[src].mean(axis=1)                                       # the sources' mean, rescaled to their spread
+    for s, m in zip(start, mean):
+        assert np.corrcoef(s.ravel(), m.ravel())[0, 1] > 0.999
+    assert privacy.dcr(start, x, x[:5])["min_synthetic"] > 0.1                      # no clip copied
+    mixed = np.asarray(distill.init_state(dataclasses.replace(cfg, init="mix"), x, y, 2,
+                                          distill.init_key(0)).params["x"])
+    def nearest_mode(starts):                                        # [n_syn] best correlation with a mode
+        m = modes.reshape(6, -1)
+        return np.array([np.corrcoef(s.ravel(), m[3 * (i // 3):3 * (i // 3) + 3])[0, 1:].max()
+                         for i, s in enumerate(starts)])
+    assert nearest_mode(start).min() > 0.98 and nearest_mode(mixed).mean() < 0.9

@@ -352,3 +352,25 @@ def test_dm_moves_class_means_towards_the_real_ones():
     assert float(dm.matching_loss(fm, params, xs, real, 3)) < float(dm.matching_loss(fm, params, x0, real, 3))
     with pytest.raises(ValueError, match="--dm_lr_img must be > 0"):
         dm.DMConfig(lr_img=0).validate()
+
+
+def test_kmeans_nearest_finds_each_cluster_and_its_nearest_rows():
+    from sersynth.evaluate import kmeans_nearest
+
+    rng = np.random.default_rng(3)
+    centres = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    x = np.concatenate([c + rng.normal(size=(30, 2)) for c in centres])       # three blobs of 30, in order
+    rows = kmeans_nearest(x, 3, 5, seed=1)
+    assert rows.shape == (3, 5)
+    blobs = rows // 30
+    assert sorted(blobs[:, 0].tolist()) == [0, 1, 2]                  # one cluster per blob
+    assert (blobs == blobs[:, :1]).all()                              # each cluster's rows from its own blob
+    for r in rows:                                                    # the rows nearest the blob's mean, in order
+        mean = x[r[0] // 30 * 30:(r[0] // 30 + 1) * 30].mean(0)
+        d = np.sum((x - mean) ** 2, axis=1)
+        np.testing.assert_array_equal(r, np.argsort(d)[:5])
+    np.testing.assert_array_equal(kmeans_nearest(x, 3, 5, seed=1), rows)         # deterministic per seed
+    few = kmeans_nearest(x[:4], 2, 6, seed=0)                      # fewer rows than m: each list repeats
+    assert few.shape == (2, 6)
+    for r in few:
+        assert sorted(r[:4].tolist()) == [0, 1, 2, 3] and (r[4:] == r[:2]).all()
