@@ -473,7 +473,7 @@ def test_the_cpu_recipes_set_nothing_about_the_corpus(name):
     assert not names & about_the_corpus
 
 
-def test_small_herding_flags_are_small_flags_with_the_best_measured_distillation():
+def test_small_flags_start_from_kmeans_and_small_herding_flags_only_change_the_start():
     code = """
 from absl import flags
 import sersynth.runner as run
@@ -491,7 +491,7 @@ print(out)
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     small, herding = eval(proc.stdout.strip().splitlines()[-1])
-    assert small == ("ravdess", "convnet", 16, 5, "mix", 300.0, 100, 0, 10)
+    assert small == ("ravdess", "convnet", 16, 5, "kmeans", 100.0, 300, 5, 15)
     assert herding == ("ravdess", "convnet", 16, 5, "herding", 100.0, 300, 5, 15)
 
 
