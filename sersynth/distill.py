@@ -82,9 +82,9 @@ class DistillConfig:
     lr_labels: float = 2.0          # SGD step on the label logits
     label_init: str = "onehot"      # learned labels start as 5 x one-hot | the experts' logits (DATM)
     init: str = "real"              # real (random real samples of the class) | herding (its herding coreset) |
-                                    # mix (means of init_mix) | kmeans (means of init_mix around k-means centres) | noise
+                                    # mix (means of init_mix) | kmeans (means of init_mix near k-means centres) | noise
     init_mix: int = 8               # mix, kmeans: real samples of the class averaged into each synthetic sample
-    init_noise: float = 0.0         # real, herding, mix, kmeans: Gaussian noise added to the start (std: each sample's spread)
+    init_noise: float = 0.0         # start from clips: Gaussian noise added to it (std: each sample's spread)
     augment: bool = False           # differentiable SpecAugment inside the inner loop
     remat: str = "nested"           # none | step | nested | auto (resolved by distill())
     segment: int = 0                # steps per checkpointed segment (nested); 0 = divisor nearest sqrt
@@ -185,8 +185,8 @@ def init_sources(cfg: DistillConfig, x_train: np.ndarray, y_train: np.ndarray, n
     """``[n_syn, k]`` indices of the training clips each synthetic sample starts from (``real``: k = 1,
     random clips; ``herding``: k = 1, the herding coreset of each class, the clips the herding baseline
     trains on; ``mix``: k = ``init_mix`` random clips; ``kmeans``: k = ``init_mix``, the clips nearest
-    the centres of ``ipc`` k-means clusters of the class); None for ``noise``. The privacy audit asks whether they can
-    be told."""
+    the centres of ``ipc`` k-means clusters of the class); None for ``noise``. The privacy audit asks
+    whether they can be told."""
     if cfg.init not in SOURCE_INITS:
         return None
     k = cfg.init_mix if cfg.init in MIXED_INITS else 1

@@ -162,10 +162,10 @@ def dcr(x_syn: np.ndarray, x_train: np.ndarray, x_holdout: np.ndarray, max_holdo
 def source_recovery(x_syn: np.ndarray, labels: np.ndarray, sources: np.ndarray, x_train: np.ndarray,
                     y_train: np.ndarray) -> dict:
     """How well a distilled sample gives away the training clips it was initialised from (``sources``
-    ``[N, k]`` indices into ``x_train``; ``real`` init: k = 1, ``mix``, ``kmeans``: k = init_mix). The attack ranks
-    the training clips of the sample's class by centred correlation with it; reported: the AUC of
-    sources vs the other clips of the class (0.5 = chance), and the share of the top k that are
-    sources against the share expected by chance (k / clips of the class)."""
+    ``[N, k]`` indices into ``x_train``; ``real``, ``herding`` init: k = 1, ``mix``, ``kmeans``: k =
+    init_mix). The attack ranks the training clips of the sample's class by centred correlation with
+    it; reported: the AUC of sources vs the other clips of the class (0.5 = chance), and the share of
+    the top k that are sources against the share expected by chance (k / clips of the class)."""
     def centred(v):
         v = v.reshape(v.shape[0], -1).astype(np.float64)
         v = v - v.mean(axis=1, keepdims=True)
@@ -246,7 +246,7 @@ def speaker_identity(x_syn: np.ndarray, labels_syn: np.ndarray, x_train: np.ndar
     voice). It is trained on the training clips less ``check_fraction`` of each speaker's clips, on
     which its accuracy is checked: it must recognise real voices for the rest to mean anything.
     Reported with ``sources`` (``[N, k]`` training-clip indices each sample was initialised from;
-    ``real``, ``herding``, ``mix`` and ``kmeans`` initialisation): the share of samples whose predicted speaker is one of
+    every start made from training clips): the share of samples whose predicted speaker is one of
     their sources' speakers, against chance (the sources' distinct speakers / the speakers).
 
     With ``x_unseen`` (clips of speakers the classifier never heard, and their labels): a test that

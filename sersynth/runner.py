@@ -97,8 +97,8 @@ flags.DEFINE_enum("syn_init", "real", list(distill.INITS),
                   "the class (kmeans), or noise")
 flags.DEFINE_integer("syn_init_mix", 8, "--syn_init=mix or kmeans: real clips of the class averaged per synthetic "
                      "sample")
-flags.DEFINE_float("syn_init_noise", 0.0, "--syn_init=real, herding or mix: Gaussian noise added to each starting "
-                   "sample, std in units of the sample's own spread (its source clips become harder to recover)")
+flags.DEFINE_float("syn_init_noise", 0.0, "--syn_init=real, herding, mix or kmeans: Gaussian noise added to each "
+                   "starting sample, std in units of the sample's own spread (its source clips become harder to recover)")
 flags.DEFINE_bool("syn_augment", True, "differentiable SpecAugment in the inner loop (and in evaluation)")
 flags.DEFINE_enum("remat", "auto", list(distill.REMAT_CHOICES),
                   "rematerialisation of the inner loop; auto: the fastest (none, step, nested) whose compiled step "
