@@ -152,7 +152,12 @@ def test_same_flags_same_result(finished_run, tmp_path):
     assert any(name.startswith("jit_outer_step") for name in stored)
     run_cli(f"--flagfile={workdir / 'command.flags'}", f"--workdir={tmp_path}", f"--cache_dir={workdir / 'cache'}",
             "--stage=experts,distill", "--tensorboard")
-    assert {p.name: p.stat().st_mtime_ns for p in xla.iterdir()} == stored
+    after = {p.name: p.stat().st_mtime_ns for p in xla.iterdir()}
+    assert {name: after.get(name) for name in stored} == stored                    # none rewritten or lost
+    # and no named program stored again under another key (jit_outer_step-<key>-cache); a small helper
+    # (jit__shuffle, a jit__lambda) the first run compiled just under the cache's 0.3 s threshold, so did
+    # not store, may cross it here on a loaded machine and be stored now
+    assert all(name.startswith("jit__") for name in after.keys() - stored.keys()), after.keys() - stored.keys()
     a = load_npz(workdir / "distill" / "distilled.npz")
     b = load_npz(tmp_path / "distill" / "distilled.npz")
     np.testing.assert_array_equal(a["x"], b["x"])
