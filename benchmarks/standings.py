@@ -54,6 +54,7 @@ STANDINGS = [
     ("espeak EmoDB, fold 1", "small_herding.flags at 100 iterations",
      "espeak_emodb_fold1_herd_window5_15_cpu_2026-11-29.json"),
     ("espeak EmoDB, fold 1", "small_herding.flags", "espeak_emodb_fold1_herd_window5_15_cpu_2026-11-30.json"),
+    ("espeak EmoDB, fold 1", "small.flags (k-means start)", "espeak_emodb_fold1_kmeans_window5_15_cpu_2026-11-30.json"),
     ("espeak EmoDB, fold 2", "small_herding.flags", "espeak_emodb_fold2_herd_window5_15_cpu_2026-11-30.json"),
 ]
 
