@@ -237,8 +237,8 @@ def init_state(cfg: DistillConfig, x_train: np.ndarray, y_train: np.ndarray, n_c
     gets Gaussian noise of ``init_noise`` times its own spread added (its sources harder to recover)."""
     labels = np.repeat(np.arange(n_classes, dtype=np.int32), cfg.ipc)
     if cfg.init in SOURCE_INITS:
-        k = cfg.init_mix if cfg.init in MIXED_INITS else 1
-        idx = init_sources(cfg, x_train, y_train, n_classes, key)
+        idx = init_sources(cfg, x_train, y_train, n_classes, key)       # [n_syn, k]
+        k = idx.shape[1]
         idx = idx[:, 0] if k == 1 else idx                               # [n_syn] or [n_syn, k]
         x = np.asarray(x_train)[idx]
         if k > 1:
