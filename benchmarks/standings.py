@@ -36,6 +36,7 @@ STANDINGS = [
     ("embedded (quick-start)", "quickstart.flags, --tune over start and window (chose small_herding.flags')",
      "quickstart_tune_start_window_cpu_2026-11-29.json"),
     ("espeak RAVDESS, 8 actors", "small_herding.flags", "espeak_ravdess8_herd5_window5_15_cpu_2026-11-29.json"),
+    ("espeak RAVDESS, 8 actors", "small.flags (k-means start)", "espeak_ravdess8_kmeans5_cpu_2026-11-30.json"),
     ("espeak RAVDESS, 24 actors", MIXED, "espeak_ravdess24_mix_cpu_2026-11-27.json"),
     ("espeak RAVDESS, 24 actors", "small_herding.flags",
      "espeak_ravdess24_herd5_window5_15_cpu_2026-11-29.json"),
