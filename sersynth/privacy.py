@@ -430,7 +430,8 @@ def headline(audit: dict) -> dict:
                        ("membership_init_sources", "mia_init_sources_auc")):
         if audit.get(key):
             out.update({f"{short}_full_data": audit[key]["full_data"]["auc_mean"],
-                        f"{short}_distilled": audit[key]["distilled_fixed_init"]["auc_mean"]})
+                        f"{short}_distilled": audit[key]["distilled_fixed_init"]["auc_mean"],
+                        f"{short.removesuffix('_auc')}_n": audit[key]["full_data"]["n_members"]})  # clips a side
     si = audit.get("speaker_identity")
     if si:
         out.update({"speaker_id_check_accuracy": si["check_accuracy"], "speaker_id_check_chance": si["check_chance"]})

@@ -294,6 +294,9 @@ def plot_privacy(audit: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
+MIA_FEW = 20    # fewer clips a side than this, one clip moved from last to first changes an AUC by over 0.05
+
+
 def privacy_text(s: dict) -> str:
     """The privacy audit's summary in words, each figure beside its reference."""
     out = (f"median distance of a distilled sample to its closest training clip {s['dcr_median_synthetic']:.3f} "
@@ -328,9 +331,12 @@ def privacy_text(s: dict) -> str:
         out += (f" Against held-out clips of the training speakers themselves (0.5 = no leak): full-data models "
                 f"{s['mia_same_speaker_auc_full_data']:.3f}, distilled-trained {s['mia_same_speaker_auc_distilled']:.3f}.")
     if "mia_init_sources_auc_full_data" in s:
-        out += (f" Aimed at the clips that initialised the set, against the other training clips: full-data models "
-                f"{s['mia_init_sources_auc_full_data']:.3f} (the reference: both trained them), distilled-trained "
-                f"{s['mia_init_sources_auc_distilled']:.3f}.")
+        n = s.get("mia_init_sources_n")
+        size = "" if n is None else f", {n} clips a side" + (
+            ": too few to tell much (the start clips are nearly all the training clips)" if n < MIA_FEW else "")
+        out += (f" Aimed at the clips that initialised the set, against the other training clips{size}: full-data "
+                f"models {s['mia_init_sources_auc_full_data']:.3f} (the reference: both trained them), "
+                f"distilled-trained {s['mia_init_sources_auc_distilled']:.3f}.")
     return out
 
 

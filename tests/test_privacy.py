@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from sersynth import privacy, train
+from sersynth import privacy, report, train
 from sersynth.models import ModelSpec, flat_model
 
 
@@ -303,3 +303,20 @@ def test_noise_added_to_the_start_hides_its_sources(speech):
     assert found["mix", 0.0] > found["mix", 2.0] > found["mix", 8.0] and found["mix", 8.0] < 0.75
     with pytest.raises(ValueError, match="--syn_init_noise must be >= 0 and applies to --syn_init=real, herding, mix"):
         distill.DistillConfig(init="noise", init_noise=0.5).validate()
+
+
+def test_report_gives_the_start_clip_attack_its_group_size_and_warns_when_small():
+    """The attack on the start clips compares equal groups; when the start clips are nearly all the training
+    clips (8 averaged clips x 40 samples from 180 clips) few are left a side, and the report says so."""
+    def audit(n):
+        group = {"auc_mean": 0.8, "n_members": n, "n_nonmembers": n}
+        dcr = {"median_synthetic": 0.7, "median_holdout": 0.8, "frac_synthetic_below_holdout_p1": 0.0,
+               "robust": {"frac_synthetic_below_holdout_p1": 0.0}, "mixture": {"frac_synthetic_below_holdout_p1": 0.0}}
+        mia = {k: {"auc_mean": 0.6} for k in ("full_data", "distilled_fixed_init")}
+        return {"dcr": dcr, "membership_inference": mia,
+                "membership_init_sources": {"full_data": group, "distilled_fixed_init": group}}
+    few, many = privacy.headline(audit(4)), privacy.headline(audit(60))
+    assert few["mia_init_sources_n"] == 4 and many["mia_init_sources_n"] == 60
+    assert "4 clips a side: too few" in report.privacy_text(few)
+    text = report.privacy_text(many)
+    assert "60 clips a side" in text and "too few" not in text
