@@ -216,6 +216,7 @@ def test_membership_holdout_keeps_clips_of_training_speakers_out_of_every_stage(
     assert 0 <= s["mia_same_speaker_auc_distilled"] <= 1 and 0 <= s["mia_init_sources_auc_full_data"] <= 1
     md = (tmp_path / "report.md").read_text()
     assert "Against held-out clips of the training speakers themselves" in md and "Aimed at the clips" in md
+    assert s["mia_init_sources_n"] >= 1 and f"{s['mia_init_sources_n']} clips a side" in md
 
 
 def test_finished_or_different_runs_are_not_overwritten(finished_run):
