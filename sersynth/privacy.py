@@ -426,12 +426,12 @@ def headline(audit: dict) -> dict:
            "dcr_mixture_frac_below_holdout_p1": d["mixture"]["frac_synthetic_below_holdout_p1"],
            "mia_auc_full_data": mia["full_data"]["auc_mean"],
            "mia_auc_distilled": mia["distilled_fixed_init"]["auc_mean"]}
-    for key, short in (("membership_same_speaker", "mia_same_speaker_auc"),
-                       ("membership_init_sources", "mia_init_sources_auc")):
+    for key, short in (("membership_same_speaker", "mia_same_speaker"),
+                       ("membership_init_sources", "mia_init_sources")):
         if audit.get(key):
-            out.update({f"{short}_full_data": audit[key]["full_data"]["auc_mean"],
-                        f"{short}_distilled": audit[key]["distilled_fixed_init"]["auc_mean"],
-                        f"{short.removesuffix('_auc')}_n": audit[key]["full_data"]["n_members"]})  # clips a side
+            out.update({f"{short}_auc_full_data": audit[key]["full_data"]["auc_mean"],
+                        f"{short}_auc_distilled": audit[key]["distilled_fixed_init"]["auc_mean"],
+                        f"{short}_n": audit[key]["full_data"]["n_members"]})          # clips a side
     si = audit.get("speaker_identity")
     if si:
         out.update({"speaker_id_check_accuracy": si["check_accuracy"], "speaker_id_check_chance": si["check_chance"]})
